@@ -1,0 +1,47 @@
+"""stac_optax: STAC (SignSGD Trunk, AdamW Cap) for Optax and Flax."""
+
+from stac_optax.partition import (
+    ADAMW,
+    FROZEN,
+    SIGN,
+    ModuleGroup,
+    STACPartition,
+    partition_modules,
+    resolve_adamw_cap_module_count,
+)
+from stac_optax.stac import (
+    NonFiniteGradientError,
+    STACState,
+    nonfinite_skipped_steps,
+    stac,
+    weight_decay_mask,
+)
+from stac_optax.transforms import (
+    SignMomentumState,
+    keep_unchanged,
+    scale_by_pytorch_amsgrad,
+    scale_by_sign_momentum,
+    sign_trunk,
+)
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ADAMW",
+    "FROZEN",
+    "SIGN",
+    "ModuleGroup",
+    "NonFiniteGradientError",
+    "STACPartition",
+    "STACState",
+    "SignMomentumState",
+    "keep_unchanged",
+    "nonfinite_skipped_steps",
+    "partition_modules",
+    "resolve_adamw_cap_module_count",
+    "scale_by_pytorch_amsgrad",
+    "scale_by_sign_momentum",
+    "sign_trunk",
+    "stac",
+    "weight_decay_mask",
+)

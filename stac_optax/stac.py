@@ -1,0 +1,457 @@
+"""``stac(...)``: the sign trunk and the AdamW cap behind one optax transformation."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stac_optax import partition as partition_lib
+from stac_optax import transforms
+from stac_optax.partition import ADAMW, FROZEN, SIGN, STACPartition
+
+_SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
+
+
+class STACState(NamedTuple):
+  """State of :func:`stac`.
+
+  Attributes:
+    inner_state: the :class:`optax.PartitionState` of the trunk (``"sign"``),
+      the cap (``"adamw"``) and the frozen parameters (``"frozen"``).
+    nonfinite_skipped_steps: how many steps were skipped because a gradient
+      held a NaN or an Inf (int32 scalar).
+  """
+
+  inner_state: optax.OptState
+  nonfinite_skipped_steps: jax.Array
+
+
+class NonFiniteGradientError(RuntimeError):
+  """A gradient held NaN or Inf and ``error_if_nonfinite=True`` was set."""
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str,
+) -> None:
+  """Checks a concrete scalar; traced values (inject_hyperparams) pass."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    if np.ndim(value) != 0:
+      raise TypeError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+    value = np.asarray(value).item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number {allowed}, got {value!r}.")
+  value = float(value)
+  ok = not math.isnan(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    raise ValueError(f"{name} must be {allowed}, got {value}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_float_dtype(name: str, value: Any) -> Any:
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a floating dtype or None, got {value!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"{name} must be a floating dtype (e.g. jnp.bfloat16, jnp.float32) "
+        f"or None, got {dtype}."
+    )
+  return dtype
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
+  if callable(learning_rate):
+    return
+  _check_number("learning_rate", learning_rate, low=0.0, allowed=">= 0 (or an optax schedule)")
+
+
+# --------------------------------------------------------------------------
+# Weight-decay exemptions
+# --------------------------------------------------------------------------
+
+
+def _decays(path: Any, leaf: Any, *, exclude_bias: bool, exclude_1d: bool) -> bool:
+  if exclude_bias and path and partition_lib.path_name(path[-1:]) == "bias":
+    return False
+  if exclude_1d and jnp.ndim(partition_lib._unbox(leaf)) <= 1:  # pylint: disable=protected-access
+    return False
+  return True
+
+
+def weight_decay_mask(
+    params: Any,
+    *,
+    exclude_bias: bool = True,
+    exclude_1d: bool = True,
+) -> Any:
+  """Which leaves get decoupled weight decay under STAC's exemption rules.
+
+  A leaf whose own (last) path key is ``bias`` is exempt when
+  ``exclude_bias``; a leaf with ``ndim <= 1`` (biases, norm scales, scalars)
+  is exempt when ``exclude_1d``. Use it as ``mask=`` of :func:`optax.adamw`
+  for an AdamW baseline with STAC's exemptions.
+
+  Args:
+    params: a parameter (or update) tree.
+    exclude_bias: exempt leaves named ``bias``.
+    exclude_1d: exempt leaves with ``ndim <= 1``.
+
+  Returns:
+    A tree of bools with the structure of ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> stac_optax.weight_decay_mask(
+    ...     {'dense': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
+    ...      'norm': {'scale': jnp.ones(2)}})
+    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
+  """
+  return jax.tree_util.tree_map_with_path(
+      functools.partial(_decays, exclude_bias=exclude_bias, exclude_1d=exclude_1d),
+      params,
+      is_leaf=partition_lib.is_parameter_leaf,
+  )
+
+
+# --------------------------------------------------------------------------
+# The non-finite guard
+# --------------------------------------------------------------------------
+
+
+def _raise_nonfinite(section: str, name: str) -> None:
+  raise NonFiniteGradientError(
+      f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
+      f"first at {name!r}; no parameter or optimizer state was changed."
+  )
+
+
+def _report_from_device(sign_ok, cap_ok, sign_first, cap_first, *, names):
+  """Host callback: raises with the section and path of the first bad leaf."""
+  if not bool(sign_ok):
+    _raise_nonfinite(SIGN, names[SIGN][int(sign_first)])
+  if not bool(cap_ok):
+    _raise_nonfinite(ADAMW, names[ADAMW][int(cap_first)])
+
+
+def _guard_nonfinite(
+    inner: optax.GradientTransformationExtraArgs,
+    partition: STACPartition,
+    *,
+    maximize: bool,
+    error_if_nonfinite: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Negates for ``maximize`` and skips (or refuses) non-finite steps.
+
+  Only trainable leaves are checked (one read of each gradient). A skipped
+  step returns ``-0.0`` updates (``p + -0.0 == p`` bit for bit) and the old
+  inner state, selected with ``jnp.where`` so that XLA fuses the choice into
+  the update instead of keeping a second copy of the state.
+  """
+
+  def init_fn(params):
+    return STACState(
+        inner_state=inner.init(params),
+        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    labels = jax.tree.leaves(partition.labels(updates))
+    leaves = jax.tree.leaves(updates, is_leaf=partition_lib.is_parameter_leaf)
+    names = [n for n, _ in partition_lib.leaves_with_names(updates)]
+    flags = {SIGN: [], ADAMW: []}
+    flag_names = {SIGN: [], ADAMW: []}
+    for label, leaf, name in zip(labels, leaves, names, strict=True):
+      if label in flags:
+        flags[label].append(jnp.all(jnp.isfinite(partition_lib._unbox(leaf))))  # pylint: disable=protected-access
+        flag_names[label].append(name)
+    stacked = {
+        k: jnp.stack(v) if v else jnp.ones([1], jnp.bool_) for k, v in flags.items()
+    }
+    section_ok = {k: jnp.all(v) for k, v in stacked.items()}
+    finite = jnp.logical_and(section_ok[SIGN], section_ok[ADAMW])
+
+    if error_if_nonfinite:
+      if isinstance(finite, jax.core.Tracer):
+        first = {k: jnp.argmin(v) for k, v in stacked.items()}
+        report = functools.partial(_report_from_device, names=flag_names)
+        jax.lax.cond(
+            finite,
+            lambda: None,
+            lambda: jax.debug.callback(
+                report, section_ok[SIGN], section_ok[ADAMW], first[SIGN], first[ADAMW]
+            ),
+        )
+      else:
+        for section in (SIGN, ADAMW):
+          if not bool(section_ok[section]):
+            bad = int(jnp.argmin(stacked[section]))
+            _raise_nonfinite(section, flag_names[section][bad])
+
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, -0.0), new_updates)
+    new_inner = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
+    )
+    skipped = state.nonfinite_skipped_steps + jnp.logical_not(finite).astype(jnp.int32)
+    return new_updates, STACState(inner_state=new_inner, nonfinite_skipped_steps=skipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
+  """How many steps a STAC state skipped for non-finite gradients.
+
+  Works on the state of :func:`stac` itself and on any state that contains it
+  (``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``,
+  ``nnx.Optimizer.opt_state``).
+
+  Raises:
+    ValueError: ``opt_state`` holds no STAC state.
+  """
+  found = optax.tree_utils.tree_get(opt_state, "nonfinite_skipped_steps")
+  if found is None:
+    raise ValueError("opt_state holds no STAC state (no 'nonfinite_skipped_steps').")
+  return int(partition_lib._unbox(found))  # pylint: disable=protected-access
+
+
+# --------------------------------------------------------------------------
+# stac(...)
+# --------------------------------------------------------------------------
+
+
+def _scaled(learning_rate: optax.ScalarOrSchedule, scale: chex.Numeric):
+  if callable(learning_rate):
+    return lambda count: scale * learning_rate(count)
+  return scale * learning_rate
+
+
+def stac(
+    model_or_params: Any,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
+    last_n_modules: int | None = None,
+    last_n_ratio: float | None = None,
+    adamw_ratio: float | None = None,
+    sign_lr_scale: chex.Numeric = 1.0,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0.0,
+    sign_weight_decay: chex.Numeric | None = None,
+    adamw_weight_decay: chex.Numeric | None = None,
+    exclude_bias_from_weight_decay: bool = True,
+    exclude_1d_from_weight_decay: bool = True,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    error_if_nonfinite: bool = False,
+    sign_momentum: chex.Numeric = 0.0,
+    sign_state_dtype: Any | None = None,
+    trainable: Any | None = None,
+    module_order: Any | None = None,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""STAC: a SignSGD trunk and an AdamW cap.
+
+  The counted modules of the model (those that directly own a trainable
+  parameter), in registration order, are split by :func:`partition_modules`:
+  the last ones form the *cap*, updated by AdamW; all earlier ones form the
+  *trunk*, updated by a sign step with decoupled weight decay and no state:
+
+  .. math::
+    \text{trunk:}\quad p \leftarrow p\,(1 - \eta_s \lambda_s d(p)) - \eta_s\,\mathrm{sign}(g)
+
+    \text{cap:}\quad p \leftarrow p\,(1 - \eta \lambda_a d(p))
+      - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+
+  with :math:`\eta_s = \texttt{sign\_lr\_scale}\cdot\eta` when both sections
+  hold modules (otherwise :math:`\eta_s = \eta`), and :math:`d(p) = 0` for
+  biases and 1-D parameters (by default). The cap is ``optax.adamw`` with
+  ``eps_root=0``, which is ``torch.optim.AdamW``. Optimizer memory is the
+  cap's two moments only.
+
+  If any trainable gradient holds NaN or Inf, the whole step is skipped: no
+  parameter, moment or counter changes, and ``nonfinite_skipped_steps``
+  grows. With ``error_if_nonfinite=True`` the step raises instead.
+
+  Args:
+    model_or_params: a Flax NNX ``Module``, a linen params (or variables)
+      dict, a plain nested dict of arrays, or a :class:`STACPartition`. Only
+      its structure is read.
+    learning_rate: the cap's rate :math:`\eta` and the base of the trunk's; a
+      float or an optax schedule.
+    last_n_modules: explicit cap size in counted modules (overrides the
+      ratio; clamped to the count).
+    last_n_ratio: fraction of counted modules in the cap, in ``[0, 1]``;
+      default ``0.125``.
+    adamw_ratio: alias of ``last_n_ratio``.
+    sign_lr_scale: trunk rate factor in hybrid mode, ``> 0``.
+    b1: AdamW first-moment decay, in ``[0, 1)``.
+    b2: AdamW second-moment decay, in ``[0, 1)``.
+    eps: AdamW denominator term, ``>= 0``.
+    weight_decay: shared decoupled weight decay, ``>= 0``.
+    sign_weight_decay: trunk decay :math:`\lambda_s`; ``None`` gives
+      ``0.5 * weight_decay`` in hybrid mode and ``weight_decay`` otherwise.
+    adamw_weight_decay: cap decay :math:`\lambda_a`; ``None`` gives
+      ``weight_decay``.
+    exclude_bias_from_weight_decay: no decay for leaves named ``bias``.
+    exclude_1d_from_weight_decay: no decay for leaves with ``ndim <= 1``.
+    amsgrad: AMSGrad in the cap, with PyTorch's semantics
+      (:func:`scale_by_pytorch_amsgrad`).
+    maximize: ascend instead of descend (gradients are negated first).
+    error_if_nonfinite: raise :class:`NonFiniteGradientError` (eagerly) or a
+      ``jax.errors.JaxRuntimeError`` carrying the same message (under
+      ``jax.jit``, through a host callback) instead of skipping.
+    sign_momentum: EMA coefficient before the trunk's sign, in ``[0, 1)``;
+      ``0`` (default) keeps the trunk state-free. ``0.9`` with
+      ``sign_lr_scale=0.75``, ``last_n_modules=1``,
+      ``sign_weight_decay=weight_decay`` and both exemptions off is
+      ``stac-optimizer`` 0.1.x.
+    sign_state_dtype: dtype of the trunk's EMA buffer (e.g. ``jnp.bfloat16``).
+    trainable: a callable ``(path name, leaf) -> bool`` or a tree of bools;
+      other parameters are frozen (not counted, not updated, no state).
+    module_order: explicit registration order of the counted modules.
+    mu_dtype: optional dtype of the cap's first moment.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`STACState`.
+
+  Raises:
+    ValueError: a hyper-parameter out of range, conflicting ratio aliases, or
+      a tree with no trainable parameter (see :func:`partition_modules`).
+    TypeError: a hyper-parameter of the wrong type.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import stac_optax
+    >>> params = {'stem': {'kernel': jnp.ones((4, 8)), 'bias': jnp.zeros(8)},
+    ...           'head': {'kernel': jnp.ones((8, 1)), 'bias': jnp.zeros(1)}}
+    >>> tx = stac_optax.stac(params, learning_rate=1e-2, last_n_modules=1)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params['stem']['kernel'][0, 0]  # 1 - 0.01 * sign(1)
+    Array(0.99, dtype=float32)
+
+  References:
+    Bernstein et al., `signSGD: Compressed Optimisation for Non-Convex
+    Problems <https://arxiv.org/abs/1802.04434>`_, 2018.
+
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  _check_learning_rate(learning_rate)
+  _check_number("sign_lr_scale", sign_lr_scale, low=0.0, low_open=True, allowed="> 0")
+  _check_number("b1", b1, low=0.0, high=1.0, high_open=True, allowed="in [0, 1)")
+  _check_number("b2", b2, low=0.0, high=1.0, high_open=True, allowed="in [0, 1)")
+  _check_number("eps", eps, low=0.0, allowed=">= 0")
+  _check_number("weight_decay", weight_decay, low=0.0, allowed=">= 0")
+  for name, value in (
+      ("sign_weight_decay", sign_weight_decay),
+      ("adamw_weight_decay", adamw_weight_decay),
+  ):
+    if value is not None:
+      _check_number(name, value, low=0.0, allowed=">= 0 (or None)")
+  _check_number(
+      "sign_momentum", sign_momentum, low=0.0, high=1.0, high_open=True,
+      allowed="in [0, 1)",
+  )
+  for name, value in (
+      ("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay),
+      ("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay),
+      ("amsgrad", amsgrad),
+      ("maximize", maximize),
+      ("error_if_nonfinite", error_if_nonfinite),
+  ):
+    _check_bool(name, value)
+  sign_state_dtype = _check_float_dtype("sign_state_dtype", sign_state_dtype)
+  mu_dtype = _check_float_dtype("mu_dtype", mu_dtype)
+
+  partition = partition_lib.partition_modules(
+      model_or_params,
+      last_n_modules=last_n_modules,
+      last_n_ratio=last_n_ratio,
+      adamw_ratio=adamw_ratio,
+      trainable=trainable,
+      module_order=module_order,
+  )
+  hybrid = partition.is_hybrid
+  if sign_weight_decay is None:
+    sign_weight_decay = 0.5 * weight_decay if hybrid else weight_decay
+  if adamw_weight_decay is None:
+    adamw_weight_decay = weight_decay
+
+  decay_mask: Callable[[Any], Any] = functools.partial(
+      weight_decay_mask,
+      exclude_bias=exclude_bias_from_weight_decay,
+      exclude_1d=exclude_1d_from_weight_decay,
+  )
+  trunk = transforms.sign_trunk(
+      _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate,
+      weight_decay=sign_weight_decay,
+      weight_decay_mask=decay_mask,
+      momentum=sign_momentum,
+      state_dtype=sign_state_dtype,
+  )
+  if amsgrad:
+    cap = optax.chain(
+        transforms.scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(adamw_weight_decay, decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+  else:
+    cap = optax.adamw(
+        learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=0.0,
+        mu_dtype=mu_dtype,
+        weight_decay=adamw_weight_decay,
+        mask=decay_mask,
+    )
+  inner = optax.partition(
+      {SIGN: trunk, ADAMW: cap, FROZEN: transforms.keep_unchanged()},
+      partition.labels,
+  )
+  return _guard_nonfinite(
+      inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite
+  )

@@ -1,0 +1,212 @@
+"""Building blocks: the sign trunk and PyTorch-style AMSGrad.
+
+Each function returns an :class:`optax.GradientTransformation` whose state is
+a small ``NamedTuple`` of arrays (or :class:`optax.EmptyState`); they compose
+with the rest of optax like any ``scale_by_*`` transformation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class SignMomentumState(NamedTuple):
+  """State of :func:`scale_by_sign_momentum` with ``momentum > 0``."""
+
+  momentum: optax.Updates
+
+
+def _is_zero(name: str, value: Any) -> bool:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} decides whether a momentum buffer exists and must be concrete "
+        f"when the state is created, got a traced value. With "
+        f"optax.inject_hyperparams, list it in static_args=({name!r},)."
+    )
+  return float(value) == 0.0
+
+
+def scale_by_sign_momentum(
+    momentum: chex.Numeric = 0.0,
+    state_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Replaces each update by its sign, optionally the sign of a momentum EMA.
+
+  With ``momentum == 0`` this is :func:`optax.scale_by_sign` (no state,
+  ``sign(0) = 0``). With ``0 < momentum < 1`` it keeps one buffer per leaf,
+
+  .. math::
+    m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t, \qquad u_t = \mathrm{sign}(m_t),
+
+  stored in ``state_dtype`` (default: each parameter's dtype). The buffer is
+  updated in two roundings, ``m * beta`` and then ``+ (1 - beta) * g`` with
+  ``g`` cast to the buffer's dtype, each computed in float32 for
+  half-precision buffers: the rounding of ``stac-optimizer`` 0.1.x.
+
+  Whether the buffer exists is decided by ``init`` from the concrete value of
+  ``momentum``; ``update`` follows the state it is given, so a traced
+  ``momentum`` (``optax.inject_hyperparams``) works once the state exists.
+
+  Args:
+    momentum: EMA coefficient in ``[0, 1)``; ``0`` means plain sign.
+    state_dtype: dtype of the momentum buffer, e.g. ``jnp.bfloat16``.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
+
+  def init_fn(params):
+    if _is_zero("momentum", momentum):
+      return optax.EmptyState()
+    return SignMomentumState(
+        momentum=jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), state_dtype or jnp.result_type(p)),
+            params,
+        )
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    if isinstance(state, optax.EmptyState):
+      return jax.tree.map(jnp.sign, updates), state
+
+    def ema(g, m):
+      compute = jnp.promote_types(m.dtype, jnp.float32)
+      g = g.astype(m.dtype).astype(compute)
+      m = (m.astype(compute) * momentum).astype(m.dtype)
+      return (m.astype(compute) + (1 - momentum) * g).astype(m.dtype)
+
+    new_m = jax.tree.map(ema, updates, state.momentum)
+    signs = jax.tree.map(lambda m, g: jnp.sign(m).astype(g.dtype), new_m, updates)
+    return signs, SignMomentumState(momentum=new_m)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sign_trunk(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: chex.Numeric = 0.0,
+    weight_decay_mask: Any | None = None,
+    momentum: chex.Numeric = 0.0,
+    state_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""The STAC trunk step: sign descent with decoupled weight decay.
+
+  .. math::
+    p \leftarrow p\,(1 - \eta\,\lambda\,d(p)) - \eta\,\mathrm{sign}(g)
+
+  where :math:`\eta` is the learning rate, :math:`\lambda` the weight decay
+  and :math:`d(p) \in \{0, 1\}` the ``weight_decay_mask``. With
+  ``momentum == 0`` there is no per-parameter state; with ``momentum > 0`` the
+  sign is taken of an EMA of the gradients (:func:`scale_by_sign_momentum`).
+
+  It is ``optax.chain(scale_by_sign_momentum(momentum, state_dtype),
+  optax.add_decayed_weights(weight_decay, weight_decay_mask),
+  optax.scale_by_learning_rate(learning_rate))``; a schedule adds one scalar
+  step counter.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    weight_decay: decoupled weight decay :math:`\lambda`, ``>= 0``.
+    weight_decay_mask: a tree of bools or a callable on params, as for
+      :func:`optax.add_decayed_weights`; ``None`` decays every leaf.
+    momentum: EMA coefficient before the sign, in ``[0, 1)``.
+    state_dtype: dtype of the EMA buffer when ``momentum > 0``.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import stac_optax
+    >>> tx = stac_optax.sign_trunk(0.1, weight_decay=0.5)
+    >>> params = {'w': jnp.array([1.0, -2.0, 3.0])}
+    >>> grads = {'w': jnp.array([0.3, 0.0, -4.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)['w']
+    Array([ 0.85, -1.9 ,  3.05], dtype=float32)
+  """
+  return optax.chain(
+      scale_by_sign_momentum(momentum, state_dtype),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def scale_by_pytorch_amsgrad(
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam with AMSGrad as ``torch.optim.AdamW(amsgrad=True)`` computes it.
+
+  PyTorch keeps the running maximum of the *raw* second moment and
+  bias-corrects it with the current step:
+
+  .. math::
+    \hat v^{\max}_t = \max(\hat v^{\max}_{t-1}, v_t), \qquad
+    u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{\hat v^{\max}_t / (1 - \beta_2^t)} + \epsilon}
+
+  :func:`optax.scale_by_amsgrad` instead takes the maximum of the
+  bias-corrected moment, which gives different steps. The state reuses
+  :class:`optax.ScaleByAmsgradState` (``count, mu, nu, nu_max``).
+
+  Args:
+    b1: first-moment decay, in ``[0, 1)``.
+    b2: second-moment decay, in ``[0, 1)``.
+    eps: added to the denominator, ``>= 0``.
+    mu_dtype: optional dtype of the first moment.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    zeros = optax.tree.zeros_like(params)
+    return optax.ScaleByAmsgradState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=zeros,
+        nu_max=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu_max, b2, count)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    return updates, optax.ScaleByAmsgradState(
+        count=count, mu=optax.tree.cast(mu, mu_dtype), nu=nu, nu_max=nu_max
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_unchanged() -> optax.GradientTransformation:
+  """Replaces every update by ``-0.0``, the exact identity of addition.
+
+  Like :func:`optax.set_to_zero`, but ``p + (-0.0) == p`` bit for bit for every
+  ``p``, including ``p == -0.0`` (which ``p + 0.0`` turns into ``+0.0``).
+  STAC uses it for frozen parameters and for skipped steps.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

@@ -1,0 +1,57 @@
+"""Shared fixtures and small models for the suite."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+jax.config.update("jax_enable_x64", False)
+
+
+def mlp_params(n_layers: int = 12, width: int = 3, seed: int = 0) -> dict:
+  """A plain dict of ``Dense_i`` modules in creation order (0, 1, ..., 11)."""
+  keys = jax.random.split(jax.random.key(seed), n_layers)
+  return {
+      f"Dense_{i}": {
+          "kernel": jax.random.normal(k, (width, width)),
+          "bias": jnp.full((width,), 0.1 * i),
+      }
+      for i, k in enumerate(keys)
+  }
+
+
+def random_like(tree, seed: int = 1, scale: float = 1.0):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+      [scale * jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
+class Block(nnx.Module):
+  def __init__(self, width: int, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(width, width, rngs=rngs)
+    self.fc2 = nnx.Linear(width, width, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class ResidualMLP(nnx.Module):
+  """stem -> blocks -> head: 2 + 2 * n_blocks counted modules."""
+
+  def __init__(self, d_in: int = 4, width: int = 8, d_out: int = 2, n_blocks: int = 6, *, rngs: nnx.Rngs):
+    self.stem = nnx.Linear(d_in, width, rngs=rngs)
+    self.blocks = nnx.List([Block(width, rngs) for _ in range(n_blocks)])
+    self.head = nnx.Linear(width, d_out, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.stem(x)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+@pytest.fixture
+def params12():
+  return mlp_params()
