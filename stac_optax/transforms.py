@@ -133,7 +133,7 @@ def sign_trunk(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
     >>> optax.apply_updates(params, updates)['w']
-    Array([ 0.85, -1.9 ,  3.05], dtype=float32)
+    Array([ 0.85, -1.9 ,  2.95], dtype=float32)
   """
   return optax.chain(
       scale_by_sign_momentum(momentum, state_dtype),

@@ -1,0 +1,77 @@
+"""The building blocks on their own."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import stac_optax
+
+
+def test_sign_trunk_without_momentum_is_stateless_and_follows_its_closed_form():
+  tx = stac_optax.sign_trunk(0.1, weight_decay=0.5, weight_decay_mask={"w": True, "b": False})
+  params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5, 0.5, 0.5])}
+  grads = {"w": jnp.array([0.3, 0.0, -4.0]), "b": jnp.array([-1.0, 2.0, 0.0])}
+  state = tx.init(params)
+  assert jax.tree.leaves(state) == []
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["w"], params["w"] * (1 - 0.05) - 0.1 * np.sign(grads["w"]), rtol=1e-6)
+  np.testing.assert_allclose(new["b"], params["b"] - 0.1 * np.sign(grads["b"]), rtol=1e-6)
+
+
+def test_sign_trunk_with_a_schedule_keeps_only_a_scalar_count():
+  tx = stac_optax.sign_trunk(optax.linear_schedule(1.0, 0.0, 10))
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  assert [np.ndim(x) for x in jax.tree.leaves(state)] == [0]
+  for expected in (1.0, 0.9):
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    np.testing.assert_allclose(updates["w"], -expected, rtol=1e-6)
+
+
+def test_sign_momentum_in_bfloat16_rounds_twice_like_the_reference():
+  tx = stac_optax.scale_by_sign_momentum(0.9, jnp.bfloat16)
+  params = {"w": jnp.zeros(4)}
+  state = tx.init(params)
+  assert state.momentum["w"].dtype == jnp.bfloat16
+  g = jnp.array([0.3, -1e-3, 0.0, 7.0])
+  _, state = tx.update({"w": g}, state)
+  updates, state = tx.update({"w": -g / 3}, state)
+  f32 = np.float32
+  m = np.asarray(state.momentum["w"], f32)
+  m1 = np.asarray(jnp.asarray((0.1 * np.asarray(g.astype(jnp.bfloat16), f32)).astype(f32)).astype(jnp.bfloat16), f32)
+  m2a = np.asarray(jnp.asarray(m1 * 0.9).astype(jnp.bfloat16), f32)
+  m2 = np.asarray(jnp.asarray(m2a + 0.1 * np.asarray((-g / 3).astype(jnp.bfloat16), f32)).astype(jnp.bfloat16), f32)
+  np.testing.assert_array_equal(m, m2)
+  np.testing.assert_array_equal(updates["w"], np.sign(m2))
+  assert updates["w"].dtype == jnp.float32
+
+
+def test_pytorch_amsgrad_keeps_the_max_of_the_raw_second_moment():
+  b1, b2, eps = 0.9, 0.99, 1e-8
+  tx = stac_optax.scale_by_pytorch_amsgrad(b1, b2, eps)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  m = v = vmax = np.zeros(2)
+  for t, g in enumerate([np.array([3.0, -1.0]), np.array([0.1, 0.2]), np.array([0.0, 5.0])], start=1):
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    vmax = np.maximum(vmax, v)
+    expected = (m / (1 - b1**t)) / (np.sqrt(vmax) / np.sqrt(1 - b2**t) + eps)
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+  # optax's own amsgrad takes the max of the bias-corrected moment: different here
+  ref = optax.scale_by_amsgrad(b1, b2, eps)
+  rs = ref.init(params)
+  for g in ([3.0, -1.0], [0.1, 0.2], [0.0, 5.0]):
+    ru, rs = ref.update({"w": jnp.asarray(g)}, rs)
+  assert not np.allclose(ru["w"], updates["w"], rtol=1e-3)
+
+
+def test_keep_unchanged_is_the_exact_identity():
+  params = {"w": jnp.array([-0.0, 0.0, 1.5, -jnp.inf])}
+  tx = stac_optax.keep_unchanged()
+  updates, _ = tx.update({"w": jnp.array([jnp.nan, 1.0, 2.0, 3.0])}, tx.init(params))
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new["w"]).view(np.uint32), np.asarray(params["w"]).view(np.uint32))
