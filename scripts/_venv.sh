@@ -1,0 +1,30 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes (or reuses) .venv in
+# the repository with what the given extra needs, then activates it.
+# Usage: source scripts/_venv.sh [extra]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extra="${1:-}"
+venv="${STAC_OPTAX_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "==> creating $venv with $($python --version)"
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.stac-optax-${extra:-base}"
+want="$(cat "$root/pyproject.toml" "$root/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "==> installing stac-optax${extra:+[$extra]} into $venv (first run takes a few minutes)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root${extra:+[$extra]}"
+  if [ "$extra" = "test" ]; then
+    # The PyTorch reference for the parity tests. It declares Python >= 3.13
+    # but runs on 3.11 with torch 2.13 (installed by the 'test' extra).
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      --no-deps --ignore-requires-python "stac-optimizer==0.3.0"
+  fi
+  echo "$want" >"$stamp"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+cd "$root"
