@@ -22,6 +22,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     # but runs on 3.11 with torch 2.13 (installed by the 'test' extra).
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --ignore-requires-python "stac-optimizer==0.3.0"
+    # The 0.1.x momentum variant, beside it under another folder (same import name).
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      --no-deps --ignore-requires-python --upgrade \
+      --target "$venv/stac-optimizer-0.1.5" "stac-optimizer==0.1.5"
   fi
   echo "$want" >"$stamp"
 fi

@@ -588,8 +588,8 @@ def partition_modules(
     model_or_params: a Flax NNX ``Module``; a linen params dict as returned by
       ``Module.init`` (the ``params`` collection, or the whole variables dict,
       whose ``params`` is then used); a plain nested dict (lists and tuples
-      allowed) of arrays; or a :class:`STACPartition`, whose cap is then
-      resolved again from the arguments given here.
+      allowed) of arrays; or a :class:`STACPartition`, returned as it is, or
+      with its cap resolved again when a cap argument is given.
     last_n_modules: explicit cap size (clamped to the module count).
     last_n_ratio: fraction of counted modules in the cap; default ``0.125``.
     adamw_ratio: alias of ``last_n_ratio``.
@@ -632,6 +632,8 @@ def partition_modules(
           "trainable and module_order cannot be applied to an existing "
           "STACPartition; build it again from the model or params."
       )
+    if last_n_modules is None and last_n_ratio is None and adamw_ratio is None:
+      return model_or_params  # keep its cap
     cap = resolve_adamw_cap_module_count(
         model_or_params.trainable_module_count,
         last_n_modules=last_n_modules,

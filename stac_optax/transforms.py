@@ -45,8 +45,10 @@ def scale_by_sign_momentum(
 
   stored in ``state_dtype`` (default: each parameter's dtype). The buffer is
   updated in two roundings, ``m * beta`` and then ``+ (1 - beta) * g`` with
-  ``g`` cast to the buffer's dtype, each computed in float32 for
-  half-precision buffers: the rounding of ``stac-optimizer`` 0.1.x.
+  ``g`` and both coefficients cast to the buffer's dtype, each computed in
+  float32 for half-precision buffers: the rounding of PyTorch's
+  ``_foreach_mul_(m, beta)``, ``_foreach_add_(m, g, alpha=1 - beta)`` in
+  ``stac-optimizer`` 0.1.x.
 
   Whether the buffer exists is decided by ``init`` from the concrete value of
   ``momentum``; ``update`` follows the state it is given, so a traced
@@ -77,10 +79,19 @@ def scale_by_sign_momentum(
       return jax.tree.map(jnp.sign, updates), state
 
     def ema(g, m):
-      compute = jnp.promote_types(m.dtype, jnp.float32)
-      g = g.astype(m.dtype).astype(compute)
-      m = (m.astype(compute) * momentum).astype(m.dtype)
-      return (m.astype(compute) + (1 - momentum) * g).astype(m.dtype)
+      dtype = m.dtype
+      compute = jnp.promote_types(dtype, jnp.float32)
+      info = jnp.finfo(dtype)
+
+      def rounded(x):  # to m's precision, kept even where XLA may skip converts
+        x = jnp.asarray(x, compute)
+        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+      # PyTorch's _foreach_mul_(m, beta) and _foreach_add_(m, g, alpha=1 - beta)
+      # round g and both coefficients to the buffer's dtype, and m after each op
+      beta, alpha = rounded(momentum), rounded(1 - momentum)
+      m = rounded(m.astype(compute) * beta)
+      return (m + alpha * rounded(g)).astype(dtype)
 
     new_m = jax.tree.map(ema, updates, state.momentum)
     signs = jax.tree.map(lambda m, g: jnp.sign(m).astype(g.dtype), new_m, updates)

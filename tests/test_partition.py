@@ -298,6 +298,9 @@ def test_repartitioning_an_existing_partition(params12):
   assert wider.adamw_module_names == tuple(f"Dense_{i}" for i in range(9, 12))
   assert wider.modules == part.modules
   assert math.ceil(12 * 0.25) == wider.resolved_last_n_modules
+  # without cap arguments an existing partition keeps its own cap (stac(partition) relies on it)
+  assert stac_optax.partition_modules(wider) is wider
+  assert "Dense_9" in stac_optax.stac(wider).init(params12).inner_state.inner_states["adamw"].inner_state[0].mu
   with pytest.raises(ValueError, match="cannot be applied to an existing"):
     stac_optax.partition_modules(part, module_order=["Dense_0"])
 

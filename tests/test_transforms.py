@@ -39,10 +39,14 @@ def test_sign_momentum_in_bfloat16_rounds_twice_like_the_reference():
   _, state = tx.update({"w": g}, state)
   updates, state = tx.update({"w": -g / 3}, state)
   f32 = np.float32
+
+  def bf16(x):
+    return np.asarray(jnp.asarray(x, f32).astype(jnp.bfloat16), f32)
+
+  beta, alpha = bf16(0.9), bf16(1 - 0.9)  # coefficients rounded to the buffer dtype
   m = np.asarray(state.momentum["w"], f32)
-  m1 = np.asarray(jnp.asarray((0.1 * np.asarray(g.astype(jnp.bfloat16), f32)).astype(f32)).astype(jnp.bfloat16), f32)
-  m2a = np.asarray(jnp.asarray(m1 * 0.9).astype(jnp.bfloat16), f32)
-  m2 = np.asarray(jnp.asarray(m2a + 0.1 * np.asarray((-g / 3).astype(jnp.bfloat16), f32)).astype(jnp.bfloat16), f32)
+  m1 = bf16(alpha * bf16(g))
+  m2 = bf16(bf16(m1 * beta) + alpha * bf16(-g / 3))
   np.testing.assert_array_equal(m, m2)
   np.testing.assert_array_equal(updates["w"], np.sign(m2))
   assert updates["w"].dtype == jnp.float32
