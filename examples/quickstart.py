@@ -71,6 +71,7 @@ def train(name, make_tx, data, *, steps: int, seed: int, batch: int = 128):
     return loss
 
   val_loss = nnx.jit(loss_fn)
+  initial = float(val_loss(model, x_val, y_val))
   order = jax.random.permutation(jax.random.key(seed + 1), steps * batch) % x_tr.shape[0]
   start = time.perf_counter()
   for step in range(steps):
@@ -79,19 +80,20 @@ def train(name, make_tx, data, *, steps: int, seed: int, batch: int = 128):
   seconds = time.perf_counter() - start
   return {
       "name": name,
+      "initial_val_loss": initial,
       "val_loss": float(val_loss(model, x_val, y_val)),
       "state_mib": state_bytes(optimizer.opt_state) / 2**20,
       "seconds": seconds,
   }
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--weight-decay", type=float, default=1e-2)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   data = make_task(args.seed)
   probe = ResidualMLP(48, 128, 6, n_blocks=10, rngs=nnx.Rngs(args.seed))
@@ -114,6 +116,7 @@ def main():
       f"\nSTAC keeps {runs[0]['state_mib'] / runs[1]['state_mib']:.1%} of AdamW's optimizer state "
       f"after {args.steps} steps on {jax.devices()[0].platform.upper()}."
   )
+  return runs
 
 
 if __name__ == "__main__":
