@@ -237,12 +237,15 @@ class STACPartition:
     parameter_aliases: ``(path, owner path)`` pairs for parameters that a tree
       shows under another path than their first owner's (NNX shared
       variables, which ``nnx.state`` lists under their sorted-first path).
+    parameter_shapes: ``(owner path, shape)`` of every parameter; trees given
+      to :meth:`labels` must have these shapes (empty: not checked).
   """
 
   modules: tuple[ModuleGroup, ...]
   resolved_last_n_modules: int
   frozen_parameter_names: tuple[str, ...] = ()
   parameter_aliases: tuple[tuple[str, str], ...] = ()
+  parameter_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   def __post_init__(self):
     if not 0 <= self.resolved_last_n_modules <= len(self.modules):
@@ -323,13 +326,27 @@ class STACPartition:
     ``param_labels`` given to :func:`optax.partition`.
 
     Raises:
-      ValueError: a leaf whose path the partition does not know, or a
-        trainable parameter missing from ``tree``.
+      ValueError: a leaf whose path the partition does not know, a leaf
+        whose shape is not the parameter's, or a trainable parameter missing
+        from ``tree``.
     """
     names = leaves_with_names(tree)
     unknown = [name for name, _ in names if name not in self._label_of]
     if unknown:
       raise ValueError(self._unknown_message(unknown))
+    shapes = dict(self.parameter_shapes)
+    reshaped = [
+        f"{name!r} has shape {np.shape(_unbox(leaf))}, the parameter "
+        f"{shapes[owner]}"
+        for name, leaf in names
+        if (owner := self._owner_of.get(name, name)) in shapes
+        and tuple(np.shape(_unbox(leaf))) != shapes[owner]
+    ]
+    if reshaped:
+      raise ValueError(
+          "the tree does not have the shapes this STAC partition was built "
+          "for: " + "; ".join(reshaped[:8]) + "."
+      )
     present = {self._owner_of.get(name, name) for name, _ in names}
     missing = [
         p
@@ -692,6 +709,10 @@ def partition_modules(
       resolved_last_n_modules=cap,
       frozen_parameter_names=frozen,
       parameter_aliases=tuple(sorted(found.aliases.items())),
+      parameter_shapes=tuple(
+          (path_name(p), tuple(int(d) for d in np.shape(_unbox(leaf))))
+          for p, leaf in found.parameters
+      ),
   )
 
 

@@ -15,6 +15,16 @@ import jax.numpy as jnp
 import optax
 
 
+def _step_dtype(dtype) -> Any:
+  """Sign steps of half-precision leaves are carried in float32, so that the
+  step is rounded once, when ``optax.apply_updates`` stores ``p + u``."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _sign(x: jax.Array) -> jax.Array:
+  return jnp.sign(x).astype(_step_dtype(x.dtype))
+
+
 class SignMomentumState(NamedTuple):
   """State of :func:`scale_by_sign_momentum` with ``momentum > 0``."""
 
@@ -38,7 +48,11 @@ def scale_by_sign_momentum(
   r"""Replaces each update by its sign, optionally the sign of a momentum EMA.
 
   With ``momentum == 0`` this is :func:`optax.scale_by_sign` (no state,
-  ``sign(0) = 0``). With ``0 < momentum < 1`` it keeps one buffer per leaf,
+  ``sign(0) = 0``), except that the signs of bfloat16 and float16 leaves are
+  returned in float32: the learning rate and the decay then multiply them in
+  float32, and the step is rounded once, when ``optax.apply_updates`` stores
+  ``p + u`` in the parameter's dtype. With ``0 < momentum < 1`` it keeps one
+  buffer per leaf,
 
   .. math::
     m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t, \qquad u_t = \mathrm{sign}(m_t),
@@ -76,7 +90,7 @@ def scale_by_sign_momentum(
   def update_fn(updates, state, params=None):
     del params
     if isinstance(state, optax.EmptyState):
-      return jax.tree.map(jnp.sign, updates), state
+      return jax.tree.map(_sign, updates), state
 
     def ema(g, m):
       dtype = m.dtype
@@ -94,7 +108,7 @@ def scale_by_sign_momentum(
       return (m + alpha * rounded(g)).astype(dtype)
 
     new_m = jax.tree.map(ema, updates, state.momentum)
-    signs = jax.tree.map(lambda m, g: jnp.sign(m).astype(g.dtype), new_m, updates)
+    signs = jax.tree.map(lambda m, g: _sign(m).astype(_step_dtype(g.dtype)), new_m, updates)
     return signs, SignMomentumState(momentum=new_m)
 
   return optax.GradientTransformation(init_fn, update_fn)
