@@ -1,5 +1,6 @@
 """stac_optax: STAC (SignSGD Trunk, AdamW Cap) for Optax and Flax."""
 
+from stac_optax.checkpoint import validate_state
 from stac_optax.partition import (
     ADAMW,
     FROZEN,
@@ -43,5 +44,6 @@ __all__ = (
     "scale_by_sign_momentum",
     "sign_trunk",
     "stac",
+    "validate_state",
     "weight_decay_mask",
 )

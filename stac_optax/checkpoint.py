@@ -1,0 +1,229 @@
+"""Checking a saved or restored STAC state against a partition; Orbax restore.
+
+Orbax restores a checkpoint into whatever template it is given, also one made
+for another partition, without complaint. :func:`validate_state` reads the
+state as it was saved (a :class:`stac_optax.STACState`, or the plain nested
+dicts Orbax returns without a template) and refuses one whose cap, parameter
+names, shapes or trunk state do not fit the partition, naming the mismatch.
+:func:`restore` does that before restoring into the typed template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from stac_optax import partition as partition_lib
+from stac_optax.partition import STACPartition
+from stac_optax.stac import STACState
+
+_GROUPS = ("sign", "adamw", "frozen")
+
+
+def _child(node: Any, key: Any, where: str) -> Any:
+  try:
+    if isinstance(node, Mapping):
+      return node[key]
+    if isinstance(key, str):
+      return getattr(node, key)
+    return node[key]
+  except (KeyError, AttributeError, IndexError, TypeError):
+    raise ValueError(
+        f"not a STAC optimizer state: no {key!r} at {where or 'the top'} "
+        f"(found {type(node).__name__})."
+    ) from None
+
+
+def _find_stac_states(opt_state: Any) -> list[Any]:
+  """STAC states inside ``opt_state`` (itself, or nested in a chain or wrapper)."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, STACState):
+      found.append(node)
+    elif isinstance(node, Mapping):
+      if "nonfinite_skipped_steps" in node and "inner_state" in node:
+        found.append(node)
+      else:
+        for value in node.values():
+          visit(value)
+    elif isinstance(node, (tuple, list)):
+      for value in node:
+        visit(value)
+
+  visit(opt_state)
+  return found
+
+
+def _names_and_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  if tree is None:
+    return {}
+  return {
+      name: tuple(np.shape(partition_lib._unbox(leaf)))  # pylint: disable=protected-access
+      for name, leaf in partition_lib.leaves_with_names(tree)
+  }
+
+
+def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) -> list[str]:
+  got = {owner_of.get(n, n): s for n, s in got.items()}
+  problems = []
+  extra = sorted(set(got) - set(expected))
+  missing = sorted(set(expected) - set(got))
+  if extra:
+    problems.append(f"{what} has entries for parameters outside it: {partition_lib._short_list(extra)}")  # pylint: disable=protected-access
+  if missing:
+    problems.append(f"{what} lacks entries for: {partition_lib._short_list(missing)}")  # pylint: disable=protected-access
+  for name in sorted(set(got) & set(expected)):
+    if expected[name] is not None and got[name] != expected[name]:
+      problems.append(f"{what} of {name!r} has shape {got[name]}, the parameter {expected[name]}")
+  return problems
+
+
+def validate_state(
+    opt_state: Any,
+    model_or_params_or_partition: Any,
+    *,
+    sign_momentum: float = 0.0,
+    **partition_kwargs: Any,
+) -> None:
+  """Checks that a STAC optimizer state was made for this partition.
+
+  Args:
+    opt_state: the state of :func:`stac_optax.stac` (also inside a chain or
+      wrapper state), typed or as Orbax restores it without a template.
+    model_or_params_or_partition: the model, params or
+      :class:`~stac_optax.STACPartition` the state should belong to.
+    sign_momentum: the trunk momentum the state was made with; ``0`` (the
+      default) means the trunk must hold no per-parameter state.
+    **partition_kwargs: ``last_n_modules``, ``last_n_ratio``, ``trainable``,
+      ... as given to :func:`stac_optax.stac`.
+
+  Raises:
+    ValueError: not a STAC state, or a state made for another partition:
+      another cap, other parameter names or shapes, a trunk state where none
+      should be (or none where one should be). The message names the
+      mismatch.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> params = {f'Dense_{i}': {'kernel': jnp.ones((2, 2))} for i in range(4)}
+    >>> state = stac_optax.stac(params, last_n_modules=2).init(params)
+    >>> stac_optax.validate_state(state, params, last_n_modules=2)
+    >>> stac_optax.validate_state(state, params, last_n_modules=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: the optimizer state does not fit this STAC partition (3 trunk modules
+    / 1 cap module, cap: Dense_3): cap moments 'mu' has entries for parameters
+    outside it: 'Dense_2/kernel'; ...
+  """
+  part = model_or_params_or_partition
+  if not isinstance(part, STACPartition) or partition_kwargs:
+    part = partition_lib.partition_modules(model_or_params_or_partition, **partition_kwargs)
+  states = _find_stac_states(opt_state)
+  if not states:
+    raise ValueError(
+        "not a STAC optimizer state: it holds no 'nonfinite_skipped_steps' "
+        f"(got {type(opt_state).__name__}); was it made by stac_optax.stac?"
+    )
+  shapes = dict(part.parameter_shapes) or None
+  owner_of = dict(part.parameter_aliases)
+
+  def expected(names):
+    return {n: (shapes.get(n) if shapes else None) for n in names}
+
+  problems: list[str] = []
+  for state in states:
+    inner = _child(_child(state, "inner_state", ""), "inner_states", "inner_state")
+    keys = set(inner) if isinstance(inner, Mapping) else set()
+    if keys != set(_GROUPS):
+      raise ValueError(
+          f"not a STAC optimizer state: its partition groups are {sorted(keys)}, "
+          f"expected {list(_GROUPS)}."
+      )
+    cap = _child(_child(inner["adamw"], "inner_state", "adamw"), 0, "adamw/inner_state")
+    for field in ("mu", "nu", "nu_max"):
+      tree = cap.get(field) if isinstance(cap, Mapping) else getattr(cap, field, None)
+      if tree is None and field == "nu_max":
+        continue
+      problems += _compare(
+          f"cap moments {field!r}", _names_and_shapes(tree),
+          expected(part.adamw_parameter_names), owner_of,
+      )
+    trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
+    momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
+    got_trunk = _names_and_shapes(momentum)
+    if float(sign_momentum) == 0.0:
+      if got_trunk:
+        problems.append(
+            "the trunk holds per-parameter state (a momentum buffer for "
+            f"{partition_lib._short_list(sorted(got_trunk))}) where a state-free trunk "  # pylint: disable=protected-access
+            "has none; pass sign_momentum= if the state was made with one"
+        )
+    else:
+      problems += _compare(
+          "trunk momentum", got_trunk, expected(part.sign_parameter_names), owner_of
+      )
+    frozen = _names_and_shapes(_child(inner["frozen"], "inner_state", "frozen"))
+    if frozen:
+      problems.append(f"frozen parameters hold state: {sorted(frozen)}")
+  if problems:
+    raise ValueError(
+        f"the optimizer state does not fit this STAC partition ({_describe(part)}): "
+        + "; ".join(problems) + "."
+    )
+
+
+def _describe(part: STACPartition) -> str:
+  n_sign, n_cap = len(part.sign_modules), len(part.adamw_modules)
+  return (
+      f"{n_sign} trunk module{'s' * (n_sign != 1)} / {n_cap} cap module{'s' * (n_cap != 1)}, "
+      f"cap: {', '.join(part.adamw_module_names) or 'none'}"
+  )
+
+
+def restore(
+    path: str,
+    abstract: Any,
+    model_or_params_or_partition: Any,
+    *,
+    state_key: str | Sequence[Any] = "opt_state",
+    checkpointer: Any | None = None,
+    sign_momentum: float = 0.0,
+    **partition_kwargs: Any,
+) -> Any:
+  """Restores an Orbax checkpoint after checking its STAC state.
+
+  The checkpoint is read once as saved, its optimizer state (at
+  ``state_key``) is checked with :func:`validate_state`, and it is then
+  restored into ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays,
+  e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
+
+  Args:
+    path: the checkpoint directory.
+    abstract: the typed template to restore into.
+    model_or_params_or_partition: what the state must fit.
+    state_key: key (or sequence of keys) of the optimizer state in the saved
+      tree.
+    checkpointer: an ``orbax.checkpoint`` checkpointer; default
+      ``StandardCheckpointer()``.
+    sign_momentum: as for :func:`validate_state`.
+    **partition_kwargs: as for :func:`validate_state`.
+
+  Returns:
+    The restored tree, shaped like ``abstract``.
+
+  Raises:
+    ValueError: the saved state does not fit the partition.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  checkpointer = checkpointer or ocp.StandardCheckpointer()
+  saved = checkpointer.restore(path)
+  for key in [state_key] if isinstance(state_key, str) else list(state_key):
+    saved = _child(saved, key, "the checkpoint")
+  validate_state(saved, model_or_params_or_partition, sign_momentum=sign_momentum, **partition_kwargs)
+  return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))

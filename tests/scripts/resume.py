@@ -1,0 +1,68 @@
+"""Helper for tests/test_checkpoint.py: train, save, or restore and continue.
+
+    python resume.py train  DIR N        # N steps from scratch, save to DIR/ckpt
+    python resume.py resume DIR M        # restore DIR/ckpt in this process, M more steps
+Both write the final params to DIR/<mode>.npz.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import stac_optax
+from stac_optax import checkpoint
+
+
+def make():
+  keys = jax.random.split(jax.random.key(0), 12)
+  params = {f"layer_{i}": {"kernel": jax.random.normal(k, (8, 8)) / 3, "bias": jnp.zeros(8)}
+            for i, k in enumerate(keys)}
+  tx = stac_optax.stac(params, 3e-3, weight_decay=1e-2, amsgrad=True)
+  return params, tx
+
+
+def grads_at(step, params):
+  key = jax.random.fold_in(jax.random.key(1), step)
+  leaves, treedef = jax.tree.flatten(params)
+  ks = jax.random.split(key, len(leaves))
+  g = [jax.random.normal(k, x.shape) for k, x in zip(ks, leaves, strict=True)]
+  if step % 5 == 3:
+    g[0] = g[0].reshape(-1).at[0].set(jnp.nan).reshape(g[0].shape)  # skipped steps are state too
+  return treedef.unflatten(g)
+
+
+def run(params, state, tx, start, steps):
+  update = jax.jit(tx.update)
+  for step in range(start, start + steps):
+    updates, state = update(grads_at(step, params), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def main():
+  mode, directory, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  params0, tx = make()
+  path = os.path.join(directory, "ckpt")
+  if mode == "train":
+    params, state = run(params0, tx.init(params0), tx, 0, steps)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, {"params": params, "opt_state": state, "step": steps})
+    ckptr.wait_until_finished()
+    start = steps
+  else:
+    abstract = {"params": params0, "opt_state": tx.init(params0), "step": 0}
+    restored = checkpoint.restore(path, abstract, params0)
+    params, state, start = restored["params"], restored["opt_state"], int(restored["step"])
+    params, state = run(params, state, tx, start, steps)
+  np.savez(os.path.join(directory, f"{mode}.npz"),
+           skipped=stac_optax.nonfinite_skipped_steps(state),
+           **{k: np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(params)})
+
+
+if __name__ == "__main__":
+  main()

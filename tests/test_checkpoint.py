@@ -1,0 +1,102 @@
+"""validate_state and Orbax checkpoints."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import stac_optax
+from stac_optax import checkpoint
+from tests.conftest import mlp_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_matching_state_passes_typed_nested_and_as_restored(tmp_path):
+  params = mlp_params(8)
+  tx = stac_optax.stac(params, last_n_ratio=0.25)
+  state = tx.init(params)
+  stac_optax.validate_state(state, params, last_n_ratio=0.25)
+  stac_optax.validate_state(optax.chain(optax.clip(1.0), tx).init(params), params, last_n_ratio=0.25)
+  stac_optax.validate_state(optax.MultiSteps(tx, 2).init(params), stac_optax.partition_modules(params, last_n_ratio=0.25))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "c", {"opt_state": state})
+  ckptr.wait_until_finished()
+  raw = ckptr.restore(tmp_path / "c")["opt_state"]
+  assert isinstance(raw, dict)  # Orbax without a template: plain dicts
+  stac_optax.validate_state(raw, params, last_n_ratio=0.25)
+
+
+@pytest.mark.parametrize(
+    "other, kwargs, match",
+    [
+        (mlp_params(9), {}, r"lacks entries for: 'Dense_8/bias', 'Dense_8/kernel'"),  # another model
+        (mlp_params(8), {"last_n_ratio": 0.5}, r"lacks entries for: 'Dense_4/bias'"),  # another ratio
+        (mlp_params(8), {"last_n_modules": 2}, r"lacks entries for: 'Dense_6/bias'"),  # another cap size
+        ({f"layer_{i}": v for i, v in enumerate(mlp_params(8).values())}, {}, r"outside it: 'Dense_7/bias'"),  # other names
+        (mlp_params(8, width=4), {}, r"'Dense_7/kernel' has shape \(3, 3\), the parameter \(4, 4\)"),  # other shapes
+    ],
+)
+def test_a_state_for_another_partition_is_refused(other, kwargs, match):
+  params = mlp_params(8)
+  state = stac_optax.stac(params).init(params)  # cap: Dense_7
+  with pytest.raises(ValueError, match=match):
+    stac_optax.validate_state(state, other, **kwargs)
+
+
+def test_a_state_that_is_not_a_stac_state_is_refused():
+  params = mlp_params(4)
+  with pytest.raises(ValueError, match="not a STAC optimizer state"):
+    stac_optax.validate_state(optax.adamw(1e-3).init(params), params)
+  with pytest.raises(ValueError, match="not a STAC optimizer state"):
+    stac_optax.validate_state({"inner_state": {"inner_states": {"a": 1}}, "nonfinite_skipped_steps": 0}, params)
+
+
+def test_trunk_state_where_none_should_be_is_refused():
+  params = mlp_params(4)
+  state = stac_optax.stac(params, sign_momentum=0.9).init(params)
+  with pytest.raises(ValueError, match="the trunk holds per-parameter state"):
+    stac_optax.validate_state(state, params)
+  stac_optax.validate_state(state, params, sign_momentum=0.9)
+  with pytest.raises(ValueError, match="trunk momentum lacks entries"):
+    stac_optax.validate_state(stac_optax.stac(params).init(params), params, sign_momentum=0.9)
+
+
+def test_orbax_alone_restores_into_a_wrong_template_but_restore_refuses(tmp_path):
+  params = mlp_params(6)
+  state = stac_optax.stac(params, last_n_modules=1).init(params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "c", {"params": params, "opt_state": state})
+  ckptr.wait_until_finished()
+  wrong = {"params": params, "opt_state": stac_optax.stac(params, last_n_modules=2).init(params)}
+  ckptr.restore(tmp_path / "c", jax.tree.map(ocp.utils.to_shape_dtype_struct, wrong))  # no complaint
+  with pytest.raises(ValueError, match=r"lacks entries for: 'Dense_4/bias', 'Dense_4/kernel'"):
+    checkpoint.restore(tmp_path / "c", wrong, params, last_n_modules=2)
+  right = {"params": params, "opt_state": state}
+  restored = checkpoint.restore(tmp_path / "c", right, params, last_n_modules=1)
+  assert isinstance(restored["opt_state"], stac_optax.STACState)
+
+
+def test_resuming_in_a_fresh_process_is_exact(tmp_path):
+  """N steps, save, restore in another process, M steps == N + M straight, bit for bit."""
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  script = os.path.join(ROOT, "tests", "scripts", "resume.py")
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  straight.mkdir()
+  split.mkdir()
+  for args in (["train", str(straight), "14"], ["train", str(split), "6"], ["resume", str(split), "8"]):
+    subprocess.run([sys.executable, script, *args], check=True, env=env, capture_output=True)
+  want = np.load(straight / "train.npz")
+  got = np.load(split / "resume.npz")
+  assert sorted(want.files) == sorted(got.files)
+  for name in want.files:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert int(got["skipped"]) == 3  # steps 3, 8, 13 had a NaN
+  assert not np.array_equal(np.load(split / "train.npz")["layer_0/kernel"], got["layer_0/kernel"])
+  assert jnp.asarray(got["layer_11/kernel"]).dtype == jnp.float32
