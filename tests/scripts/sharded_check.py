@@ -1,0 +1,100 @@
+"""Run by tests/test_sharding.py with 8 simulated CPU devices; prints a JSON report."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+import sharded_training  # noqa: E402
+
+import stac_optax  # noqa: E402
+
+
+def fsdp_sharding(mesh, params):
+  n = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, P("fsdp") if x.ndim >= 1 and x.shape[0] % n == 0 else P()), params
+  )
+
+
+def run(params, tx, grads_list, shardings=None):
+  params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  state = jax.jit(tx.init)(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  for grads in grads_list:
+    if shardings is not None:
+      grads = jax.device_put(grads, shardings)
+    params, state = step(params, state, grads)
+  return params, state
+
+
+def report_for(mesh_name, mesh, shardings_fn):
+  params = sharded_training.init_params(jax.random.key(0))
+  part = stac_optax.partition_modules(params)
+  tx = stac_optax.stac(part, 1e-2, weight_decay=1e-2)
+  grads_list = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params)
+                for k in range(6)]
+  grads_list[3] = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads_list[3])
+  single_params, single_state = run(params, tx, grads_list)
+  shardings = shardings_fn(mesh, params)
+  sharded_params, sharded_state = run(params, tx, grads_list, shardings)
+
+  adam = sharded_state.inner_state.inner_states["adamw"].inner_state[0]
+  names = dict(stac_optax.partition.leaves_with_names(sharded_params))
+  moment_shardings_match = all(
+      m.sharding.is_equivalent_to(names[n].sharding, m.ndim)
+      for tree in (adam.mu, adam.nu)
+      for n, m in stac_optax.partition.leaves_with_names(tree)
+  )
+  sharded_leaves = sum(
+      not s.is_fully_replicated for s in (x.sharding for x in jax.tree.leaves(sharded_params))
+  )
+  max_diff = max(
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(sharded_params), strict=True)
+  )
+  state_diff = max(
+      float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+      for a, b in zip(jax.tree.leaves(single_state), jax.tree.leaves(sharded_state), strict=True)
+  )
+  return {
+      "mesh": mesh_name,
+      "devices": jax.device_count(),
+      "sharded_param_leaves": sharded_leaves,
+      "moment_shardings_match": moment_shardings_match,
+      "trunk_state_leaves": len(jax.tree.leaves(sharded_state.inner_state.inner_states["sign"])),
+      "max_param_diff": max_diff,
+      "max_state_diff": state_diff,
+      "skipped": stac_optax.nonfinite_skipped_steps(sharded_state),
+  }
+
+
+def main():
+  devices = np.array(jax.devices())
+  reports = [
+      report_for("fsdp", jax.sharding.Mesh(devices, ("fsdp",)), fsdp_sharding),
+      report_for("data x model", sharded_training.make_mesh(4), sharded_training.param_sharding),
+  ]
+  example = sharded_training.main(["--steps", "60"])
+  print("REPORT " + json.dumps({"reports": reports, "example": {
+      "first_loss": example["losses"][0], "last_loss": example["losses"][-1],
+      "mesh": example["mesh"], "state_bytes": example["state_bytes"],
+      "per_device_bytes": example["per_device_bytes"]}}))
+
+
+if __name__ == "__main__":
+  main()
