@@ -172,17 +172,9 @@ def validate_state(
       problems.append(f"frozen parameters hold state: {sorted(frozen)}")
   if problems:
     raise ValueError(
-        f"the optimizer state does not fit this STAC partition ({_describe(part)}): "
+        f"the optimizer state does not fit this STAC partition ({part.summary}): "
         + "; ".join(problems) + "."
     )
-
-
-def _describe(part: STACPartition) -> str:
-  n_sign, n_cap = len(part.sign_modules), len(part.adamw_modules)
-  return (
-      f"{n_sign} trunk module{'s' * (n_sign != 1)} / {n_cap} cap module{'s' * (n_cap != 1)}, "
-      f"cap: {', '.join(part.adamw_module_names) or 'none'}"
-  )
 
 
 def restore(

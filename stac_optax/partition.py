@@ -381,17 +381,20 @@ class STACPartition:
 
   # -- display --------------------------------------------------------------
 
-  def __repr__(self) -> str:
+  @property
+  def summary(self) -> str:
+    """``'12 trunk modules / 2 cap modules, cap: blocks/5/fc2, head'``."""
+    n_sign, n_cap = len(self.sign_modules), len(self.adamw_modules)
     cap = ", ".join(self.adamw_module_names) or "none"
-    frozen = (
-        f", {len(self.frozen_parameter_names)} frozen parameters"
-        if self.frozen_parameter_names
-        else ""
-    )
     return (
-        f"STACPartition({len(self.sign_modules)} trunk modules / "
-        f"{len(self.adamw_modules)} cap modules, cap: {cap}{frozen})"
+        f"{n_sign} trunk module{'s' * (n_sign != 1)} / "
+        f"{n_cap} cap module{'s' * (n_cap != 1)}, cap: {cap}"
     )
+
+  def __repr__(self) -> str:
+    n_frozen = len(self.frozen_parameter_names)
+    frozen = f", {n_frozen} frozen parameter{'s' * (n_frozen != 1)}" if n_frozen else ""
+    return f"STACPartition({self.summary}{frozen})"
 
   def table(self) -> str:
     """A readable table: one row per counted module with its section."""

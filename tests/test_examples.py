@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -9,6 +10,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 def _load(name):
   spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses (linen modules) look themselves up there
   spec.loader.exec_module(module)
   return module
 
@@ -27,3 +29,35 @@ def test_torch_migration_continues_the_run_exactly():
   assert out["worst_after_migration"] < 1e-5
   assert out["handed_back_step"] == 10
   assert out["losses"][-1] < out["losses"][0]
+
+
+def test_linen_train_state_trains():
+  losses = _load("linen_train_state").main(["--steps", "80"])
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_optax_chain_trains_with_warmup_cosine_and_accumulation():
+  out = _load("optax_chain").main(["--steps", "120", "--accumulate", "2"])
+  assert max(out["rates"]) > 10 * out["rates"][0] and out["rates"][-1] < max(out["rates"])
+  assert sum(out["losses"][-10:]) < 0.5 * sum(out["losses"][:10])
+
+
+def test_digits_trains_both_optimizers_to_high_accuracy_and_plots(tmp_path):
+  png = tmp_path / "digits.png"
+  runs = _load("digits").main(["--epochs", "4", "--out", str(png)])
+  for run in runs:
+    assert run["curve"][-1]["train_loss"] < 0.5 * run["curve"][0]["train_loss"]
+    assert run["curve"][-1]["test_accuracy"] > 0.8  # chance is 0.1
+  assert runs[0]["state_kib"] < 0.05 * runs[1]["state_kib"]
+  assert png.stat().st_size > 10_000
+
+
+def test_checkpointing_resumes_bit_for_bit_and_refuses_another_cap():
+  out = _load("checkpointing").main(["--steps", "6"])
+  assert out["bitwise_equal"]
+  assert "lacks entries for" in out["refused"]
+
+
+def test_sharded_training_runs_on_the_devices_there_are():
+  out = _load("sharded_training").main(["--steps", "60"])
+  assert out["losses"][-1] < 0.1 * out["losses"][0]
