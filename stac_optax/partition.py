@@ -239,6 +239,16 @@ class STACPartition:
       variables, which ``nnx.state`` lists under their sorted-first path).
     parameter_shapes: ``(owner path, shape)`` of every parameter; trees given
       to :meth:`labels` must have these shapes (empty: not checked).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import stac_optax
+    >>> params = {'stem': {'kernel': jnp.ones((2, 2))}, 'head': {'kernel': jnp.ones((2, 1))}}
+    >>> part = stac_optax.partition_modules(params)
+    >>> part
+    STACPartition(1 trunk module / 1 cap module, cap: head)
+    >>> part.labels(jax.tree.map(jnp.zeros_like, params))  # sorted dict, same labels
+    {'head': {'kernel': 'adamw'}, 'stem': {'kernel': 'sign'}}
   """
 
   modules: tuple[ModuleGroup, ...]

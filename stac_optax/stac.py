@@ -257,6 +257,17 @@ def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
 
   Raises:
     ValueError: ``opt_state`` holds no STAC state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(3)}}
+    >>> tx = stac_optax.stac(params)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.full(3, jnp.nan)}},
+    ...                      state, params)
+    >>> stac_optax.nonfinite_skipped_steps(state)
+    1
   """
   found = optax.tree_utils.tree_get(opt_state, "nonfinite_skipped_steps")
   if found is None:

@@ -74,6 +74,16 @@ def scale_by_sign_momentum(
 
   Returns:
     An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> tx = stac_optax.scale_by_sign_momentum(0.5)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> _, state = tx.update(jnp.array([4.0, -1.0]), state)
+    >>> updates, state = tx.update(jnp.array([-1.0, -1.0]), state)
+    >>> state.momentum, updates  # m = 0.5 * [2, -0.5] + 0.5 * [-1, -1]
+    (Array([ 0.5 , -0.75], dtype=float32), Array([ 1., -1.], dtype=float32))
   """
   state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
 
@@ -194,6 +204,16 @@ def scale_by_pytorch_amsgrad(
 
   Returns:
     An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> tx = stac_optax.scale_by_pytorch_amsgrad(b1=0.0, b2=0.5, eps=0.0)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> _, state = tx.update(jnp.array([2.0]), state)  # nu = 2, nu_max = 2
+    >>> updates, state = tx.update(jnp.array([1.0]), state)  # nu = 1.5, nu_max = 2
+    >>> updates  # 1 / sqrt(2 / (1 - 0.25))
+    Array([0.6123724], dtype=float32)
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -228,6 +248,16 @@ def keep_unchanged() -> optax.GradientTransformation:
   Like :func:`optax.set_to_zero`, but ``p + (-0.0) == p`` bit for bit for every
   ``p``, including ``p == -0.0`` (which ``p + 0.0`` turns into ``+0.0``).
   STAC uses it for frozen parameters and for skipped steps.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import stac_optax
+    >>> params = jnp.array([-0.0, 2.0])
+    >>> tx = stac_optax.keep_unchanged()
+    >>> updates, _ = tx.update(jnp.array([jnp.nan, 1.0]), tx.init(params))
+    >>> optax.apply_updates(params, updates)
+    Array([-0.,  2.], dtype=float32)
   """
 
   def update_fn(updates, state, params=None):
