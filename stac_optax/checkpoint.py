@@ -210,6 +210,20 @@ def restore(
 
   Raises:
     ValueError: the saved state does not fit the partition.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> import stac_optax
+    >>> from stac_optax import checkpoint
+    >>> params = {f'Dense_{i}': {'kernel': jnp.ones((2, 2))} for i in range(8)}
+    >>> tx = stac_optax.stac(params)
+    >>> path = tempfile.mkdtemp() + '/ckpt'
+    >>> saver = ocp.StandardCheckpointer()
+    >>> saver.save(path, {'params': params, 'opt_state': tx.init(params)})
+    >>> saver.wait_until_finished()  # Orbax saves asynchronously
+    >>> restored = checkpoint.restore(path, {'params': params, 'opt_state': tx.init(params)}, params)
+    >>> type(restored['opt_state']).__name__
+    'STACState'
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 

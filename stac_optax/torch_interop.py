@@ -166,6 +166,16 @@ def match_parameters(
   Raises:
     ValueError: a parameter without a Flax leaf, a Flax leaf without a
       parameter, or shapes that do not agree; the message lists them all.
+
+  Example:
+    >>> import torch
+    >>> from flax import nnx
+    >>> from stac_optax import torch_interop
+    >>> conv = torch.nn.Conv2d(1, 4, 3)
+    >>> for m in torch_interop.match_parameters(conv, nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))):
+    ...   print(m.torch_name, m.torch_shape, '->', m.flax_name, m.flax_shape, m.layout)
+    weight (4, 1, 3, 3) -> kernel (3, 3, 1, 4) conv
+    bias (4,) -> bias (4,) identity
   """
   name_map = dict(name_map or {})
   leaves = dict(partition_lib.leaves_with_names(flax_params(target)))
@@ -241,6 +251,18 @@ def params_from_torch(
   """The PyTorch module's weights as a Flax params tree shaped like ``target``'s.
 
   For an NNX module, apply it with ``nnx.update(model, params)``.
+
+  Example:
+    >>> import numpy as np, torch
+    >>> from flax import nnx
+    >>> from stac_optax import torch_interop
+    >>> linear = torch.nn.Linear(3, 2)
+    >>> twin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> params = torch_interop.params_from_torch(linear, twin)
+    >>> nnx.update(twin, params)
+    >>> x = np.ones((1, 3), np.float32)
+    >>> bool(np.allclose(twin(x), linear(torch.from_numpy(x)).detach().numpy(), atol=1e-6))
+    True
   """
   return tree_from_torch(
       torch_module, dict(torch_module.named_parameters()), target, name_map=name_map
