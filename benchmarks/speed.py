@@ -1,0 +1,256 @@
+"""Speed of one optimizer step (and one whole train step), against every peer.
+
+For StateMemoryNet-shaped models of about 1M, 13M and 100M parameters, each
+optimizer's jitted step (update + ``optax.apply_updates``, params and state
+donated) is timed; the median is compared with ``optax.adamw`` and with
+``optax.apply_if_finite(optax.adamw)`` from the same run, and turned into
+GB/s against a streaming bandwidth measured in the same run on the same
+device (an in-place, donated elementwise pass over a buffer of the same
+size). When torch and stac-optimizer are installed, PyTorch's STAC (default
+and ``foreach=True``) and AdamW (``fused=True`` where allowed) are timed on
+the same shapes. A whole train step (forward, backward, update) of the deep
+regression task is timed too.
+
+    python benchmarks/speed.py [--quick] [--device cpu|gpu] [--out FILE] [--plot FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import stac_optax
+from benchmarks import common
+
+SIZES = {"1M": 256, "13M": 1024, "100M": 2880}  # StateMemoryNet width
+QUICK_SIZES = {"tiny": 64}
+
+
+def timed(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), min(times)
+
+
+def streaming_bandwidth(n_elements, repeats):
+  """GB/s of an in-place, donated x <- x * a + b over n float32 elements (read + write)."""
+  x = jnp.ones((n_elements,), jnp.float32)
+  f = jax.jit(lambda x: x * 0.999 + 0.001, donate_argnums=0)
+  for _ in range(3):
+    x = f(x)
+  x.block_until_ready()
+  holder = [x]
+
+  def run():
+    holder[0] = f(holder[0])
+    holder[0].block_until_ready()
+
+  median, _ = timed(run, repeats)
+  return 8 * n_elements / median / 1e9, median
+
+
+def bytes_moved(name, params, tx_partition):
+  """The bytes a step must read and write, by the update rules (None if not modelled)."""
+  sizes = dict((n, x.size) for n, x in stac_optax.partition.leaves_with_names(params))
+  n = sum(sizes.values())
+  if name in ("AdamW baseline", "AdamW + apply_if_finite"):
+    return 28 * n + (4 * n if "finite" in name else 0)
+  if name.startswith("STAC") and name != "STAC 0.1.x momentum":
+    part = tx_partition(name)
+    cap = sum(sizes[p] for p in part.adamw_parameter_names)
+    guard = 0 if "no guard" in name else 4 * (n - sum(sizes[p] for p in part.frozen_parameter_names))
+    return 12 * (n - cap) + 28 * cap + guard
+  return None
+
+
+def jax_step_time(tx, params, repeats):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree.map(jnp.copy, params)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  memory = jitted.lower(params, state, grads).compile().memory_analysis()
+  holder = [params, state]
+  for _ in range(3):
+    holder[:] = jitted(*holder, grads)
+  jax.block_until_ready(holder)
+
+  def run():
+    holder[:] = jitted(*holder, grads)
+    jax.block_until_ready(holder)
+
+  median, best = timed(run, repeats)
+  return {"median_ms": 1e3 * median, "min_ms": 1e3 * best,
+          "state_bytes": common.state_bytes(holder[1]),
+          "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+
+
+def torch_step_times(width, repeats, d_in=256, d_out=16, n_blocks=6):
+  try:
+    import stac_optimizer  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  from torch import nn  # pylint: disable=import-outside-toplevel
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+  class Net(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = nn.Linear(d_in, width)
+      self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
+      self.head = nn.Linear(width, d_out)
+
+  torch.set_num_threads(max(1, torch.get_num_threads()))
+  results = {}
+  makers = {
+      "PyTorch STAC default": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD),
+      "PyTorch STAC foreach": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD, foreach=True),
+      "PyTorch AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=common.LR, weight_decay=common.WD),
+  }
+  try:
+    torch.optim.AdamW(nn.Linear(2, 2).parameters(), fused=True)
+    makers["PyTorch AdamW fused"] = lambda m: torch.optim.AdamW(
+        m.parameters(), lr=common.LR, weight_decay=common.WD, fused=True)
+  except (RuntimeError, ValueError):
+    pass
+  for name, make in makers.items():
+    model = Net()
+    for p in model.parameters():
+      p.grad = torch.full_like(p, 1e-3)
+    opt = make(model)
+    with torch.no_grad():
+      for _ in range(3):
+        opt.step()
+      median, best = timed(opt.step, repeats)
+    results[name] = {"median_ms": 1e3 * median, "min_ms": 1e3 * best}
+  return results
+
+
+def train_step_times(repeats, quick):
+  """Forward + backward + update of the deep regression student (width 128, 10 blocks, batch 256)."""
+  from benchmarks import research  # pylint: disable=import-outside-toplevel
+
+  task = research.TASKS["deep_regression"]
+  data = task.make_data(0, quick=quick)
+  model_params = task.init_student(jax.random.key(0), quick=quick)
+  out = {}
+  for name in ("STAC default", "AdamW baseline"):
+    tx = common.optimizers(model_params, peers=False)[name]()
+    step = jax.jit(research.make_train_step(task, tx), donate_argnums=(0, 1))
+    params, state = jax.tree.map(jnp.copy, model_params), tx.init(model_params)
+    x, y = data["x_train"][:256], data["y_train"][:256]
+    holder = [params, state]
+    for _ in range(3):
+      holder[0], holder[1], _ = step(holder[0], holder[1], x, y)
+    jax.block_until_ready(holder)
+
+    def run(holder=holder, step=step, x=x, y=y):
+      holder[0], holder[1], loss = step(holder[0], holder[1], x, y)
+      jax.block_until_ready(loss)
+
+    median, best = timed(run, repeats)
+    out[name] = {"median_ms": 1e3 * median, "min_ms": 1e3 * best}
+  out["ratio_stac_to_adamw"] = out["STAC default"]["median_ms"] / out["AdamW baseline"]["median_ms"]
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="one tiny size, few repeats")
+  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
+  parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--out", default=None, help="JSON file")
+  parser.add_argument("--plot", default=None, help="PNG of the scaling plot")
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args(argv)
+  common.select_device(args.device)
+  sizes = QUICK_SIZES if args.quick else SIZES
+  repeats = 3 if args.quick else args.repeats
+
+  report = {"benchmark": "speed", "quick": args.quick, "environment": common.environment(),
+            "repeats": repeats, "lr": common.LR, "weight_decay": common.WD, "sizes": {}}
+  for label, width in sizes.items():
+    params = common.state_memory_net(width=width)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    factories = common.optimizers(params, guard_variants=True)
+    partitions = {
+        "STAC default": stac_optax.partition_modules(params),
+        "STAC default, no guard": stac_optax.partition_modules(params),
+        "STAC full-decay trunk": stac_optax.partition_modules(params),
+        "STAC wider cap": stac_optax.partition_modules(params, last_n_ratio=0.25),
+    }
+    bandwidth, _ = streaming_bandwidth(n, repeats)
+    entry = {"parameters": int(n), "streaming_gb_per_s": bandwidth, "optimizers": {}}
+    for i, (name, make) in enumerate(factories.items()):
+      common.progress(f"speed {label}", i, len(factories))
+      result = jax_step_time(make(), params, repeats)
+      moved = bytes_moved(name, params, partitions.get)
+      if moved is not None:
+        result["bytes_moved"] = moved
+        result["gb_per_s"] = moved / (result["median_ms"] / 1e3) / 1e9
+        result["fraction_of_streaming"] = result["gb_per_s"] / bandwidth
+      entry["optimizers"][name] = result
+    common.progress(f"speed {label}", len(factories), len(factories))
+    adamw = entry["optimizers"]["AdamW baseline"]["median_ms"]
+    guarded = entry["optimizers"]["AdamW + apply_if_finite"]["median_ms"]
+    for result in entry["optimizers"].values():
+      result["vs_adamw"] = result["median_ms"] / adamw
+      result["vs_adamw_if_finite"] = result["median_ms"] / guarded
+    if not args.no_torch:
+      torch_results = torch_step_times(width, repeats)
+      if torch_results is not None:
+        for result in torch_results.values():
+          result["stac_optax_speedup"] = result["median_ms"] / entry["optimizers"]["STAC default"]["median_ms"]
+        entry["torch"] = torch_results
+    report["sizes"][label] = entry
+    stac = entry["optimizers"]["STAC default"]
+    line = (f"{label:>5} ({n / 1e6:.1f}M): STAC {stac['median_ms']:.2f} ms = {stac['vs_adamw']:.3f}x adamw, "
+            f"{stac.get('fraction_of_streaming', 0):.2f} of streaming ({bandwidth:.1f} GB/s)")
+    if "torch" in entry:
+      line += f", {entry['torch']['PyTorch STAC default']['stac_optax_speedup']:.1f}x faster than PyTorch STAC"
+    print(line)
+  report["train_step"] = train_step_times(repeats, args.quick)
+  print(f"whole train step (deep regression): STAC/AdamW = {report['train_step']['ratio_stac_to_adamw']:.3f}")
+  common.write_json(args.out, report)
+  if args.plot:
+    plot(report, args.plot)
+  return report
+
+
+def plot(report, path):
+  plt = common.plt()
+  labels = list(report["sizes"])
+  counts = [report["sizes"][s]["parameters"] for s in labels]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  names = list(report["sizes"][labels[0]]["optimizers"])
+  for name in names:
+    ax.plot(counts, [report["sizes"][s]["optimizers"][name]["median_ms"] for s in labels], "o-", label=name)
+  if "torch" in report["sizes"][labels[0]]:
+    for name in report["sizes"][labels[0]]["torch"]:
+      ax.plot(counts, [report["sizes"][s]["torch"][name]["median_ms"] for s in labels], "x--", label=name)
+  ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="median step time (ms)",
+         title=f"optimizer step, {report['environment']['device_kind']}")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,65 @@
+"""The benchmarks' --quick modes run and write complete, well-formed JSON.
+
+Timings are not checked here (they belong to the benchmark runs, not to tests).
+"""
+
+import json
+import math
+
+from benchmarks import common, memory, research, speed
+
+
+def _finite(x):
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_memory_quick_json(tmp_path):
+  out = tmp_path / "memory.json"
+  memory.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "memory.png")])
+  report = json.loads(out.read_text())
+  assert report["benchmark"] == "memory" and report["environment"]["jax"]
+  names = set(common.optimizers(common.state_memory_net(width=64, d_in=32, d_out=4), guard_variants=True))
+  assert set(report["optimizers"]) == names
+  for r in report["optimizers"].values():
+    assert all(_finite(r[k]) for k in ("state_mib", "xla_argument_mib", "xla_output_mib", "xla_temp_mib"))
+  # arithmetic, not measurement: the state is the cap's two moments (+ scalar counters)
+  assert report["optimizers"]["STAC default"]["state_bytes"] < 0.1 * report["optimizers"]["AdamW baseline"]["state_bytes"]
+  assert (tmp_path / "memory.png").stat().st_size > 5_000
+
+
+def test_state_memory_net_figures_are_exact():
+  params = common.state_memory_net()
+  sizes = {name: common.state_bytes(make().init(params)) for name, make in
+           common.optimizers(params, peers=False).items() if name in ("STAC default", "AdamW baseline")}
+  assert sum(x.size for x in __import__("jax").tree.leaves(params)) == 12_874_768
+  assert round(sizes["STAC default"] / 2**20, 3) == 8.133
+  assert round(sizes["AdamW baseline"] / 2**20, 3) == 98.227
+
+
+def test_speed_quick_json(tmp_path):
+  out = tmp_path / "speed.json"
+  speed.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "speed.png")])
+  report = json.loads(out.read_text())
+  size = report["sizes"]["tiny"]
+  assert _finite(size["streaming_gb_per_s"]) and size["parameters"] > 0
+  for name, r in size["optimizers"].items():
+    assert _finite(r["median_ms"]) and _finite(r["vs_adamw"]) and _finite(r["vs_adamw_if_finite"]), name
+  assert _finite(size["optimizers"]["STAC default"]["fraction_of_streaming"])
+  assert set(size["torch"]) >= {"PyTorch STAC default", "PyTorch STAC foreach", "PyTorch AdamW"}
+  assert _finite(report["train_step"]["ratio_stac_to_adamw"])
+
+
+def test_research_quick_json(tmp_path):
+  out = tmp_path / "research.json"
+  research.main(["--quick", "--tasks", "deep_regression,sequence_classification",
+                 "--out", str(out), "--plot", str(tmp_path / "research.png")])
+  report = json.loads(out.read_text())
+  assert report["torch_side_by_side"]
+  for task in ("deep_regression", "sequence_classification"):
+    results = report["tasks"][task]
+    assert set(results) == set(report["configs"]) | {"PyTorch STAC default", "PyTorch AdamW"}
+    for r in results.values():
+      assert len(r["final_per_seed"]) == 1 and len(r["curve_mean"]) == report["epochs"]
+      assert _finite(r["final_mean"])
+    # the port trains the same: identical data, weights and batches give the same result
+    assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
