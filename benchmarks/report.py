@@ -1,0 +1,83 @@
+"""Markdown tables from the benchmark JSON files (for docs/benchmark.md).
+
+    python benchmarks/report.py docs/benchmark/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def research(report):
+  lines = []
+  env = report["environment"]
+  lines.append(f"Seeds {report['seeds']}, {report['epochs']} epochs, lr {report['lr']}, "
+               f"weight decay {report['weight_decay']}; {env['device_kind']}, JAX {env['jax']}, "
+               f"torch {env['torch']}; {report['seconds'] / 60:.1f} min.\n")
+  tasks = list(report["tasks"])
+  configs = list(next(iter(report["tasks"].values())))
+  header = "| config | " + " | ".join(
+      f"{t.replace('_', ' ')} ({next(iter(report['tasks'][t].values()))['metric'].replace('_', ' ')})"
+      for t in tasks) + " | state MiB |"
+  lines += [header, "| --- |" + " ---: |" * (len(tasks) + 1)]
+  for c in configs:
+    cells = []
+    for t in tasks:
+      s = report["tasks"][t][c]
+      cells.append(f"{s['final_mean']:.4f} [{s['final_min']:.4f}, {s['final_max']:.4f}]")
+    state = report["tasks"][tasks[0]][c]["state_mib"]
+    lines.append(f"| {c} | " + " | ".join(cells) + f" | {'-' if state is None else f'{state:.3f}'} |")
+  return "\n".join(lines)
+
+
+def memory(report):
+  lines = [f"StateMemoryNet, {report['parameters']:,} parameters ({report['parameter_mib']:.3f} MiB), "
+           f"batch {report['batch']}; {report['environment']['device_kind']}.\n",
+           "| optimizer | state MiB | vs AdamW | XLA argument MiB | XLA output MiB | XLA temp MiB | peak step MiB |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for name, r in report["optimizers"].items():
+    peak = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.1f}"
+    lines.append(f"| {name} | {r['state_mib']:.3f} | {r['state_vs_adamw']:.3f} | {r['xla_argument_mib']:.1f} | "
+                 f"{r['xla_output_mib']:.1f} | {r['xla_temp_mib']:.3f} | {peak} |")
+  return "\n".join(lines)
+
+
+def speed(report):
+  env = report["environment"]
+  lines = [f"{env['device_kind']} ({env['cpu_count']} CPUs seen), JAX {env['jax']}, torch {env['torch']}, "
+           f"median of {report['repeats']} steps.\n"]
+  for label, size in report["sizes"].items():
+    lines += [f"**{label}** ({size['parameters']:,} parameters; streaming {size['streaming_gb_per_s']:.1f} GB/s)\n",
+              "| optimizer | median ms | vs adamw | vs apply_if_finite(adamw) | GB/s | of streaming | XLA temp MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in size["optimizers"].items():
+      gbs = f"{r['gb_per_s']:.1f}" if "gb_per_s" in r else "-"
+      frac = f"{r['fraction_of_streaming']:.2f}" if "fraction_of_streaming" in r else "-"
+      lines.append(f"| {name} | {r['median_ms']:.3f} | {r['vs_adamw']:.3f} | {r['vs_adamw_if_finite']:.3f} | "
+                   f"{gbs} | {frac} | {r['xla_temp_bytes'] / 2**20:.3f} |")
+    for name, why in size.get("skipped", {}).items():
+      lines.append(f"| {name} | not run: {why} | | | | | |")
+    for name, r in size.get("torch", {}).items():
+      lines.append(f"| {name} | {r['median_ms']:.3f} | - | - | - | - | - |  ")
+    if "torch" in size:
+      lines.append("")
+      lines.append("stac_optax STAC default is faster than: " + ", ".join(
+          f"{name} {r['stac_optax_speedup']:.1f}x" for name, r in size["torch"].items()))
+    lines.append("")
+  t = report["train_step"]
+  lines.append(f"Whole train step, deep regression student: STAC default {t['STAC default']['median_ms']:.2f} ms, "
+               f"AdamW {t['AdamW baseline']['median_ms']:.2f} ms (ratio {t['ratio_stac_to_adamw']:.3f}).")
+  return "\n".join(lines)
+
+
+def main(paths):
+  for path in paths:
+    with open(path) as f:
+      report = json.load(f)
+    print(f"\n<!-- {path} -->\n")
+    print({"research": research, "memory": memory, "speed": speed}[report["benchmark"]](report))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
