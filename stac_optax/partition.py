@@ -106,13 +106,14 @@ def leaves_with_names(tree: Any) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------
 
 
-def _is_traced(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
+  """Whether ``x`` is a tracer (a value not known until the step runs)."""
   return isinstance(x, jax.core.Tracer)
 
 
 def _static_number(name: str, value: Any, kind: type) -> Any:
   """Returns a concrete Python number or raises a clear error."""
-  if _is_traced(value):
+  if is_traced(value):
     raise TypeError(
         f"{name} decides which parameters use AdamW and must be a concrete "
         f"Python number, got a traced value. With optax.inject_hyperparams, "

@@ -55,7 +55,7 @@ def _check_number(
     allowed: str,
 ) -> None:
   """Checks a concrete scalar; traced values (inject_hyperparams) pass."""
-  if isinstance(value, jax.core.Tracer):
+  if partition_lib.is_traced(value):
     return
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     if np.ndim(value) != 0:
@@ -219,7 +219,7 @@ def _guard_nonfinite(
     finite = jnp.logical_and(section_ok[SIGN], section_ok[ADAMW])
 
     if error_if_nonfinite:
-      if isinstance(finite, jax.core.Tracer):
+      if partition_lib.is_traced(finite):
         first = {k: jnp.argmin(v) for k, v in stacked.items()}
         report = functools.partial(_report_from_device, names=flag_names)
         jax.lax.cond(
