@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -122,6 +123,24 @@ def progress(label: str, done: int, total: int) -> None:
   if done >= total:
     sys.stderr.write("\n")
   sys.stderr.flush()
+
+
+def cli(description: str, quick_help: str) -> argparse.ArgumentParser:
+  """The options every benchmark takes: --quick, --device, --out, --plot."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--quick", action="store_true", help=quick_help)
+  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
+  parser.add_argument("--out", default=None, help="JSON file to write")
+  parser.add_argument("--plot", default=None, help="PNG file to write")
+  return parser
+
+
+def finish(report: dict, args: argparse.Namespace, plot: Callable[[dict, str], None]) -> dict:
+  """Writes the JSON and the plot a benchmark was asked for."""
+  write_json(args.out, report)
+  if args.plot:
+    plot(report, args.plot)
+  return report
 
 
 def write_json(path: str | None, report: dict) -> None:

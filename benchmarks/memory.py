@@ -12,8 +12,6 @@ step.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,12 +63,8 @@ def measure(tx, params, batch):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a tiny StateMemoryNet")
-  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
+  parser = common.cli(__doc__.splitlines()[0], "a tiny StateMemoryNet")
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
   common.select_device(args.device)
   params = common.state_memory_net(width=64, d_in=32, d_out=4) if args.quick else common.state_memory_net()
@@ -89,10 +83,7 @@ def main(argv=None):
     r["state_vs_adamw"] = r["state_bytes"] / adamw
     print(f"  {name:<26} state {r['state_mib']:9.3f} MiB ({r['state_vs_adamw']:.3f}x AdamW)  "
           f"XLA temp {r['xla_temp_mib']:8.3f} MiB")
-  common.write_json(args.out, report)
-  if args.plot:
-    plot(report, args.plot)
-  return report
+  return common.finish(report, args, plot)
 
 
 def plot(report, path):

@@ -29,7 +29,6 @@ and batches.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from collections.abc import Callable
@@ -397,15 +396,11 @@ def run_task(task, configs, seeds, epochs, quick, with_torch):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny models and data, one seed, 2 epochs")
+  parser = common.cli(__doc__.splitlines()[0], "tiny models and data, one seed, 2 epochs")
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--tasks", default=",".join(TASKS))
-  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
   common.select_device(args.device)
   seeds = [0] if args.quick else list(range(args.seeds))
@@ -430,10 +425,7 @@ def main(argv=None):
       state = f"{s['state_mib']:8.3f} MiB" if s["state_mib"] is not None else "        -   "
       print(f"  {config:<24} {s['metric']} {s['final_mean']:.4f} [{s['final_min']:.4f}, {s['final_max']:.4f}]  state {state}")
   report["seconds"] = time.time() - start
-  common.write_json(args.out, report)
-  if args.plot:
-    plot(report, args.plot)
-  return report
+  return common.finish(report, args, plot)
 
 
 def plot(report, path):

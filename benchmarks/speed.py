@@ -16,7 +16,6 @@ regression task is timed too.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -176,12 +175,8 @@ def train_step_times(repeats, quick):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="one tiny size, few repeats")
-  parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
+  parser = common.cli(__doc__.splitlines()[0], "one tiny size, few repeats")
   parser.add_argument("--repeats", type=int, default=30)
-  parser.add_argument("--out", default=None, help="JSON file")
-  parser.add_argument("--plot", default=None, help="PNG of the scaling plot")
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args(argv)
   common.select_device(args.device)
@@ -236,10 +231,7 @@ def main(argv=None):
     print(line)
   report["train_step"] = train_step_times(repeats, args.quick)
   print(f"whole train step (deep regression): STAC/AdamW = {report['train_step']['ratio_stac_to_adamw']:.3f}")
-  common.write_json(args.out, report)
-  if args.plot:
-    plot(report, args.plot)
-  return report
+  return common.finish(report, args, plot)
 
 
 def plot(report, path):
