@@ -19,6 +19,7 @@ from stac_optax.stac import (
 )
 from stac_optax.transforms import (
     SignMomentumState,
+    adamw_cap,
     keep_unchanged,
     scale_by_pytorch_amsgrad,
     scale_by_sign_momentum,
@@ -36,6 +37,7 @@ __all__ = (
     "STACPartition",
     "STACState",
     "SignMomentumState",
+    "adamw_cap",
     "keep_unchanged",
     "nonfinite_skipped_steps",
     "partition_modules",

@@ -1,8 +1,17 @@
-"""Building blocks: the sign trunk and PyTorch-style AMSGrad.
+"""Building blocks: the sign trunk, the AdamW cap and PyTorch-style AMSGrad.
 
 Each function returns an :class:`optax.GradientTransformation` whose state is
 a small ``NamedTuple`` of arrays (or :class:`optax.EmptyState`); they compose
 with the rest of optax like any ``scale_by_*`` transformation.
+
+The stateful ones also take an optional extra argument ``skip_step`` (a
+boolean scalar, traced or not) in ``update``: where it is true, the state
+they return is the state they were given, bit for bit, and their updates are
+to be discarded by the caller. :func:`stac_optax.stac` passes it when a
+gradient is not finite. The moments are selected *before* the update is
+computed from them, so that under ``jax.jit`` with donated buffers XLA writes
+them in place in the same pass as the update, as for an unguarded step; a
+``jnp.where`` on the returned state instead makes XLA copy the old moments.
 """
 
 from __future__ import annotations
@@ -29,6 +38,25 @@ class SignMomentumState(NamedTuple):
   """State of :func:`scale_by_sign_momentum` with ``momentum > 0``."""
 
   momentum: optax.Updates
+
+
+def _kept(skip_step: Any, new: Any, old: Any) -> Any:
+  """``old`` where ``skip_step`` is true, else ``new``, leaf by leaf."""
+  if skip_step is None:
+    return new
+  return jax.tree.map(lambda n, o: jnp.where(skip_step, o, n), new, old)
+
+
+def _honouring_skip(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with ``skip_step`` support, for transformations with a small state
+  (schedule counters, empty states): the whole new state is selected."""
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, *, skip_step=None, **extra_args):
+    updates, new_state = tx.update(updates, state, params, **extra_args)
+    return updates, _kept(skip_step, new_state, state)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _is_zero(name: str, value: Any) -> bool:
@@ -68,12 +96,15 @@ def scale_by_sign_momentum(
   ``momentum``; ``update`` follows the state it is given, so a traced
   ``momentum`` (``optax.inject_hyperparams``) works once the state exists.
 
+  ``update`` takes the optional extra argument ``skip_step`` (see the module
+  docstring): where it is true, the buffer is returned unchanged.
+
   Args:
     momentum: EMA coefficient in ``[0, 1)``; ``0`` means plain sign.
     state_dtype: dtype of the momentum buffer, e.g. ``jnp.bfloat16``.
 
   Returns:
-    An :class:`optax.GradientTransformation`.
+    An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -97,8 +128,8 @@ def scale_by_sign_momentum(
         )
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, skip_step=None, **extra_args):
+    del params, extra_args
     if isinstance(state, optax.EmptyState):
       return jax.tree.map(_sign, updates), state
 
@@ -117,11 +148,11 @@ def scale_by_sign_momentum(
       m = rounded(m.astype(compute) * beta)
       return (m + alpha * rounded(g)).astype(dtype)
 
-    new_m = jax.tree.map(ema, updates, state.momentum)
+    new_m = _kept(skip_step, jax.tree.map(ema, updates, state.momentum), state.momentum)
     signs = jax.tree.map(lambda m, g: _sign(m).astype(_step_dtype(g.dtype)), new_m, updates)
     return signs, SignMomentumState(momentum=new_m)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def sign_trunk(
@@ -145,7 +176,7 @@ def sign_trunk(
   It is ``optax.chain(scale_by_sign_momentum(momentum, state_dtype),
   optax.add_decayed_weights(weight_decay, weight_decay_mask),
   optax.scale_by_learning_rate(learning_rate))``; a schedule adds one scalar
-  step counter.
+  step counter. Every part honours the extra argument ``skip_step``.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -156,7 +187,7 @@ def sign_trunk(
     state_dtype: dtype of the EMA buffer when ``momentum > 0``.
 
   Returns:
-    An :class:`optax.GradientTransformation`.
+    An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -172,8 +203,8 @@ def sign_trunk(
   """
   return optax.chain(
       scale_by_sign_momentum(momentum, state_dtype),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _honouring_skip(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
+      _honouring_skip(optax.scale_by_learning_rate(learning_rate)),
   )
 
 
@@ -194,7 +225,8 @@ def scale_by_pytorch_amsgrad(
 
   :func:`optax.scale_by_amsgrad` instead takes the maximum of the
   bias-corrected moment, which gives different steps. The state reuses
-  :class:`optax.ScaleByAmsgradState` (``count, mu, nu, nu_max``).
+  :class:`optax.ScaleByAmsgradState` (``count, mu, nu, nu_max``); ``update``
+  takes the optional extra argument ``skip_step`` (see the module docstring).
 
   Args:
     b1: first-moment decay, in ``[0, 1)``.
@@ -203,7 +235,7 @@ def scale_by_pytorch_amsgrad(
     mu_dtype: optional dtype of the first moment.
 
   Returns:
-    An :class:`optax.GradientTransformation`.
+    An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -226,20 +258,117 @@ def scale_by_pytorch_amsgrad(
         nu_max=optax.tree.zeros_like(params),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, skip_step=None, **extra_args):
+    del params, extra_args
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
     nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+    mu, nu, nu_max = _kept(skip_step, (mu, nu, nu_max), (state.mu, state.nu, state.nu_max))
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     nu_hat = optax.tree.bias_correction(nu_max, b2, count)
     updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
     return updates, optax.ScaleByAmsgradState(
-        count=count, mu=optax.tree.cast(mu, mu_dtype), nu=nu, nu_max=nu_max
+        count=_kept(skip_step, count, state.count),
+        mu=optax.tree.cast(mu, mu_dtype),
+        nu=nu,
+        nu_max=nu_max,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scale_by_adam(
+    b1: chex.Numeric, b2: chex.Numeric, eps: chex.Numeric, mu_dtype: Any | None
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`optax.scale_by_adam` (``eps_root=0``, no Nesterov) with ``skip_step``.
+
+  The same state (:class:`optax.ScaleByAdamState`) and the same operations in
+  the same order as optax, so the steps are identical; the new moments and
+  count are selected against the old ones before the update is computed.
+  """
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None, *, skip_step=None, **extra_args):
+    del params, extra_args
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    mu, nu = _kept(skip_step, (mu, nu), (state.mu, state.nu))
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
+    return updates, optax.ScaleByAdamState(
+        count=_kept(skip_step, count, state.count),
+        mu=optax.tree.cast(mu, mu_dtype),
+        nu=optax.tree.cast_like(nu, state.nu),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adamw_cap(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 1e-4,
+    weight_decay_mask: Any | None = None,
+    mu_dtype: Any | None = None,
+    amsgrad: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The STAC cap: :func:`optax.adamw` (``eps_root=0``), honouring ``skip_step``.
+
+  It is ``optax.chain(scale_by_adam, optax.add_decayed_weights,
+  optax.scale_by_learning_rate)``, the chain :func:`optax.adamw` builds, with
+  the same state and the same steps, bit for bit; with ``amsgrad=True`` the
+  first link is :func:`scale_by_pytorch_amsgrad`. The difference is the
+  extra argument ``skip_step`` (see the module docstring): where it is true
+  the moments, count and any schedule counter are returned unchanged, and
+  the moments are selected before the update is computed from them.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: first-moment decay, in ``[0, 1)``.
+    b2: second-moment decay, in ``[0, 1)``.
+    eps: added to the denominator, ``>= 0``.
+    weight_decay: decoupled weight decay, ``>= 0``.
+    weight_decay_mask: as for :func:`optax.adamw`'s ``mask``.
+    mu_dtype: optional dtype of the first moment.
+    amsgrad: use PyTorch's AMSGrad (:func:`scale_by_pytorch_amsgrad`).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import stac_optax
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> grads = {'w': jnp.array([0.5, jnp.nan])}
+    >>> tx = stac_optax.adamw_cap(0.1)
+    >>> state = tx.init(params)
+    >>> _, kept = tx.update(grads, state, params, skip_step=jnp.array(True))
+    >>> bool(optax.tree.allclose(kept, state)), int(kept[0].count)
+    (True, 0)
+  """
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  if amsgrad:
+    moments = scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype)
+  else:
+    moments = _scale_by_adam(b1, b2, eps, mu_dtype)
+  return optax.chain(
+      moments,
+      _honouring_skip(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
+      _honouring_skip(optax.scale_by_learning_rate(learning_rate)),
+  )
 
 
 def keep_unchanged() -> optax.GradientTransformation:

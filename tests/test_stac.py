@@ -103,6 +103,13 @@ def test_nonfinite_gradient_skips_the_whole_step_bit_for_bit(params12):
   assert stac_optax.nonfinite_skipped_steps(s3) == 2
 
 
+def test_update_refuses_a_skip_step_of_its_own(params12):
+  tx = stac_optax.stac(params12, 1e-2)
+  state = tx.init(params12)
+  with pytest.raises(TypeError, match="decides skip_step itself"):
+    tx.update(random_like(params12), state, params12, skip_step=jnp.array(True))
+
+
 def test_nonfinite_gradient_of_a_frozen_parameter_is_ignored():
   params = mlp_params(4)
   tx = stac_optax.stac(params, 0.1, trainable=lambda n, x: not n.startswith("Dense_0"))
