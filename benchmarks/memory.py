@@ -7,7 +7,7 @@ backward and update of a batch of 256, params and state donated: argument,
 output, alias and temporary bytes), and on a GPU the peak device memory of a
 step.
 
-    python benchmarks/memory.py [--quick] [--device cpu|gpu] [--out FILE] [--plot FILE]
+    python -m benchmarks.memory [--quick] [--device cpu|gpu] [--out FILE] [--plot FILE]
 """
 
 from __future__ import annotations

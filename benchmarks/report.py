@@ -1,6 +1,6 @@
 """Markdown tables from the benchmark JSON files (for docs/benchmark.md).
 
-    python benchmarks/report.py docs/benchmark/*.json
+    python -m benchmarks.report docs/benchmark/*.json
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ optax.contrib.muon, optax.sign_sgd. With torch and stac-optimizer installed,
 PyTorch STAC default and PyTorch AdamW run on the same data, initial weights
 and batches.
 
-    python benchmarks/research.py [--quick] [--seeds 5] [--device cpu|gpu] [--out FILE] [--plot FILE]
+    python -m benchmarks.research [--quick] [--seeds 5] [--device cpu|gpu] [--out FILE] [--plot FILE]
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ and ``foreach=True``) and AdamW (``fused=True`` where allowed) are timed on
 the same shapes. A whole train step (forward, backward, update) of the deep
 regression task is timed too.
 
-    python benchmarks/speed.py [--quick] [--device cpu|gpu] [--out FILE] [--plot FILE]
+All the JAX steps of one size (and the streaming pass) are timed in turns,
+one call of each per round, so that the slow and fast moments of a shared
+machine fall on all of them alike and the ratios stay meaningful; PyTorch's
+steps are timed in turns among themselves right after.
+
+    python -m benchmarks.speed [--quick] [--device cpu|gpu] [--out FILE] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -30,22 +35,35 @@ SIZES = {"1M": 256, "13M": 1024, "100M": 2880}  # StateMemoryNet width
 QUICK_SIZES = {"tiny": 64}
 
 
-def timed(fn, repeats, budget_s=20.0):
-  """Median and best of ``repeats`` calls (fewer, at least 3, if a call is slow)."""
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  repeats = max(3, min(repeats, int(budget_s / max(first, 1e-9))))
-  times = []
-  for _ in range(repeats):
+def interleaved(runs, repeats, budget_s=20.0, label=None):
+  """Median and best seconds of each run, timed in turns.
+
+  Each round calls every run once (a run slower than ``budget_s / repeats``
+  takes part in fewer rounds, at least 3), so that noise from the rest of the
+  machine is shared by all runs instead of landing on whichever ran then.
+  """
+  rounds = {}
+  for name, fn in runs.items():  # warm-up, and the number of rounds each run can afford
     start = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times)
+    rounds[name] = max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+  times = {name: [] for name in runs}
+  total = max(rounds.values())
+  for r in range(total):
+    if label:
+      common.progress(label, r, total)
+    for name, fn in runs.items():
+      if r < rounds[name]:
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  if label:
+    common.progress(label, total, total)
+  return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def streaming_bandwidth(n_elements, repeats):
-  """GB/s of an in-place, donated x <- x * a + b over n float32 elements (read + write)."""
+def streaming_run(n_elements):
+  """An in-place, donated x <- x * a + b over n float32 elements (8 bytes moved each)."""
   x = jnp.ones((n_elements,), jnp.float32)
   f = jax.jit(lambda x: x * 0.999 + 0.001, donate_argnums=0)
   for _ in range(3):
@@ -57,8 +75,7 @@ def streaming_bandwidth(n_elements, repeats):
     holder[0] = f(holder[0])
     holder[0].block_until_ready()
 
-  median, _ = timed(run, repeats)
-  return 8 * n_elements / median / 1e9, median
+  return run
 
 
 def bytes_moved(name, params, tx_partition):
@@ -75,7 +92,9 @@ def bytes_moved(name, params, tx_partition):
   return None
 
 
-def jax_step_time(tx, params, repeats):
+def jax_step(tx, params):
+  """A runnable jitted step of ``tx`` (params and state donated) and its sizes."""
+
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -94,13 +113,13 @@ def jax_step_time(tx, params, repeats):
     holder[:] = jitted(*holder, grads)
     jax.block_until_ready(holder)
 
-  median, best = timed(run, repeats)
-  return {"median_ms": 1e3 * median, "min_ms": 1e3 * best,
-          "state_bytes": common.state_bytes(holder[1]),
+  info = {"state_bytes": common.state_bytes(holder[1]),
           "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+  return run, info
 
 
-def torch_step_times(width, repeats, d_in=256, d_out=16, n_blocks=6):
+def torch_steps(width, d_in=256, d_out=16, n_blocks=6):
+  """Runnable PyTorch STAC and AdamW steps on the same shapes (None without torch)."""
   try:
     import stac_optimizer  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
@@ -121,7 +140,6 @@ def torch_step_times(width, repeats, d_in=256, d_out=16, n_blocks=6):
       self.head = nn.Linear(width, d_out)
 
   torch.set_num_threads(max(1, torch.get_num_threads()))
-  results = {}
   makers = {
       "PyTorch STAC default": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD),
       "PyTorch STAC foreach": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD, foreach=True),
@@ -133,17 +151,21 @@ def torch_step_times(width, repeats, d_in=256, d_out=16, n_blocks=6):
         m.parameters(), lr=common.LR, weight_decay=common.WD, fused=True)
   except (RuntimeError, ValueError):
     pass
+  runs = {}
   for name, make in makers.items():
     model = Net()
     for p in model.parameters():
       p.grad = torch.full_like(p, 1e-3)
     opt = make(model)
-    with torch.no_grad():
-      for _ in range(3):
+
+    def run(opt=opt):
+      with torch.no_grad():
         opt.step()
-      median, best = timed(opt.step, repeats)
-    results[name] = {"median_ms": 1e3 * median, "min_ms": 1e3 * best}
-  return results
+
+    for _ in range(3):
+      run()
+    runs[name] = run
+  return runs
 
 
 def train_step_times(repeats, quick):
@@ -153,7 +175,7 @@ def train_step_times(repeats, quick):
   task = research.TASKS["deep_regression"]
   data = task.make_data(0, quick=quick)
   model_params = task.init_student(jax.random.key(0), quick=quick)
-  out = {}
+  runs = {}
   for name in ("STAC default", "AdamW baseline"):
     tx = common.optimizers(model_params, peers=False)[name]()
     step = jax.jit(research.make_train_step(task, tx), donate_argnums=(0, 1))
@@ -168,8 +190,9 @@ def train_step_times(repeats, quick):
       holder[0], holder[1], loss = step(holder[0], holder[1], x, y)
       jax.block_until_ready(loss)
 
-    median, best = timed(run, repeats)
-    out[name] = {"median_ms": 1e3 * median, "min_ms": 1e3 * best}
+    runs[name] = run
+  out = {name: {"median_ms": 1e3 * median, "min_ms": 1e3 * best}
+         for name, (median, best) in interleaved(runs, repeats, label="train step").items()}
   out["ratio_stac_to_adamw"] = out["STAC default"]["median_ms"] / out["AdamW baseline"]["median_ms"]
   return out
 
@@ -195,33 +218,49 @@ def main(argv=None):
         "STAC full-decay trunk": stac_optax.partition_modules(params),
         "STAC wider cap": stac_optax.partition_modules(params, last_n_ratio=0.25),
     }
-    bandwidth, _ = streaming_bandwidth(n, repeats)
-    entry = {"parameters": int(n), "streaming_gb_per_s": bandwidth, "optimizers": {}}
+    runs, infos, skipped = {}, {}, {}
     for i, (name, make) in enumerate(factories.items()):
-      common.progress(f"speed {label}", i, len(factories))
+      common.progress(f"compile {label}", i, len(factories))
       if name == "optax.contrib.muon" and n > 20e6 and jax.devices()[0].platform == "cpu":
         # Newton-Schulz on 2880x2880 matrices: minutes per step on a CPU
-        entry.setdefault("skipped", {})[name] = "Newton-Schulz iterations take minutes per step on a CPU"
+        skipped[name] = "Newton-Schulz iterations take minutes per step on a CPU"
         continue
-      result = jax_step_time(make(), params, repeats)
+      runs[name], infos[name] = jax_step(make(), params)
+    common.progress(f"compile {label}", len(factories), len(factories))
+    runs["streaming"] = streaming_run(n)
+    times = interleaved(runs, repeats, label=f"speed {label}")
+    del runs
+    # PyTorch's steps in a group of their own: its OpenMP threads keep spinning
+    # for a while after each step and would slow whichever JAX step came next.
+    torch_runs = None if args.no_torch else torch_steps(width)
+    if torch_runs is not None:
+      times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
+    bandwidth = 8 * n / times["streaming"][0] / 1e9
+    entry = {"parameters": int(n), "streaming_gb_per_s": bandwidth, "optimizers": {}}
+    if skipped:
+      entry["skipped"] = skipped
+    for name, info in infos.items():
+      median, best = times[name]
+      result = {"median_ms": 1e3 * median, "min_ms": 1e3 * best, **info}
       moved = bytes_moved(name, params, partitions.get)
       if moved is not None:
         result["bytes_moved"] = moved
-        result["gb_per_s"] = moved / (result["median_ms"] / 1e3) / 1e9
+        result["gb_per_s"] = moved / median / 1e9
         result["fraction_of_streaming"] = result["gb_per_s"] / bandwidth
       entry["optimizers"][name] = result
-    common.progress(f"speed {label}", len(factories), len(factories))
     adamw = entry["optimizers"]["AdamW baseline"]["median_ms"]
     guarded = entry["optimizers"]["AdamW + apply_if_finite"]["median_ms"]
     for result in entry["optimizers"].values():
       result["vs_adamw"] = result["median_ms"] / adamw
       result["vs_adamw_if_finite"] = result["median_ms"] / guarded
-    if not args.no_torch:
-      torch_results = torch_step_times(width, repeats)
-      if torch_results is not None:
-        for result in torch_results.values():
-          result["stac_optax_speedup"] = result["median_ms"] / entry["optimizers"]["STAC default"]["median_ms"]
-        entry["torch"] = torch_results
+    if torch_runs is not None:
+      stac_ms = entry["optimizers"]["STAC default"]["median_ms"]
+      entry["torch"] = {
+          name: {"median_ms": 1e3 * times[name][0], "min_ms": 1e3 * times[name][1],
+                 "stac_optax_speedup": 1e3 * times[name][0] / stac_ms}
+          for name in torch_runs
+      }
+    del torch_runs
     report["sizes"][label] = entry
     stac = entry["optimizers"]["STAC default"]
     line = (f"{label:>5} ({n / 1e6:.1f}M): STAC {stac['median_ms']:.2f} ms = {stac['vs_adamw']:.3f}x adamw, "

@@ -63,3 +63,18 @@ def test_research_quick_json(tmp_path):
       assert _finite(r["final_mean"])
     # the port trains the same: identical data, weights and batches give the same result
     assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
+
+
+def test_report_prints_the_committed_results_with_the_documented_command():
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  paths = sorted(str(p.relative_to(root)) for p in (root / "docs" / "benchmark").glob("*.json"))
+  assert {p.rsplit("/", 1)[1].split("_")[0] for p in paths} == {"memory", "research", "speed"}
+  done = subprocess.run([sys.executable, "-m", "benchmarks.report", *paths], cwd=root,
+                        capture_output=True, text=True, check=True)
+  for path in paths:
+    assert f"<!-- {path} -->" in done.stdout
+  assert "| STAC default |" in done.stdout
