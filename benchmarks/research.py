@@ -401,7 +401,17 @@ def main(argv=None):
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--tasks", default=",".join(TASKS))
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--configs", default=None,
+                      help="comma-separated subset of the JAX configs (default: all of them)")
   args = parser.parse_args(argv)
+  all_configs = list(common.optimizers(TASKS["deep_regression"].init_student(jax.random.key(0), quick=True)))
+  configs = all_configs if args.configs is None else [c.strip() for c in args.configs.split(",")]
+  unknown = [c for c in configs if c not in all_configs]
+  if unknown or not configs:
+    parser.error(f"--configs: unknown {unknown or configs}; allowed: {', '.join(all_configs)}")
+  unknown = [t for t in args.tasks.split(",") if t not in TASKS]
+  if unknown:
+    parser.error(f"--tasks: unknown {unknown}; allowed: {', '.join(TASKS)}")
   common.select_device(args.device)
   seeds = [0] if args.quick else list(range(args.seeds))
   epochs = 2 if args.quick else args.epochs
@@ -412,7 +422,6 @@ def main(argv=None):
       import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       with_torch = False
-  configs = list(common.optimizers(TASKS["deep_regression"].init_student(jax.random.key(0), quick=True)))
   start = time.time()
   report = {"benchmark": "research", "quick": args.quick, "environment": common.environment(),
             "seeds": seeds, "epochs": epochs, "lr": common.LR, "weight_decay": common.WD,

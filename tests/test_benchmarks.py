@@ -6,6 +6,8 @@ Timings are not checked here (they belong to the benchmark runs, not to tests).
 import json
 import math
 
+import pytest
+
 from benchmarks import common, memory, research, speed
 
 
@@ -63,6 +65,14 @@ def test_research_quick_json(tmp_path):
       assert _finite(r["final_mean"])
     # the port trains the same: identical data, weights and batches give the same result
     assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
+
+
+def test_research_refuses_unknown_configs_and_tasks(capsys):
+  for argv, named in ((["--configs", "STAC default,adam"], "adam"), (["--tasks", "mnist"], "mnist")):
+    with pytest.raises(SystemExit):
+      research.main(argv)
+    err = capsys.readouterr().err
+    assert f"unknown ['{named}']" in err and "allowed:" in err
 
 
 def test_report_prints_the_committed_results_with_the_documented_command():
