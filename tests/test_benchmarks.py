@@ -51,20 +51,30 @@ def test_speed_quick_json(tmp_path):
   assert _finite(report["train_step"]["ratio_stac_to_adamw"])
 
 
-def test_research_quick_json(tmp_path):
+@pytest.mark.parametrize("task,configs", [
+    ("deep_regression", None),  # every config and peer
+    ("sequence_classification", "STAC default"),  # the transformer student, beside PyTorch
+])
+def test_research_quick_json(tmp_path, task, configs):
   out = tmp_path / "research.json"
-  research.main(["--quick", "--tasks", "deep_regression,sequence_classification",
-                 "--out", str(out), "--plot", str(tmp_path / "research.png")])
+  research.main(["--quick", "--tasks", task, "--out", str(out), "--plot", str(tmp_path / "research.png")]
+                + (["--configs", configs] if configs else []))
   report = json.loads(out.read_text())
   assert report["torch_side_by_side"]
-  for task in ("deep_regression", "sequence_classification"):
-    results = report["tasks"][task]
-    assert set(results) == set(report["configs"]) | {"PyTorch STAC default", "PyTorch AdamW"}
-    for r in results.values():
-      assert len(r["final_per_seed"]) == 1 and len(r["curve_mean"]) == report["epochs"]
-      assert _finite(r["final_mean"])
-    # the port trains the same: identical data, weights and batches give the same result
-    assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
+  if configs is None:
+    assert set(report["configs"]) == {
+        "STAC default", "STAC full-decay trunk", "STAC wider cap", "AdamW baseline", "STAC 0.1.x momentum",
+        "optax.lion", "optax.adafactor", "optax.contrib.muon", "optax.sign_sgd"}
+  else:
+    assert report["configs"] == configs.split(",")
+  results = report["tasks"][task]
+  assert set(results) == set(report["configs"]) | {"PyTorch STAC default", "PyTorch AdamW"}
+  for r in results.values():
+    assert len(r["final_per_seed"]) == 1 and len(r["curve_mean"]) == report["epochs"]
+    assert _finite(r["final_mean"])
+  # the port trains the same: identical data, weights and batches give the same result
+  assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
+  assert (tmp_path / "research.png").stat().st_size > 5_000
 
 
 def test_research_refuses_unknown_configs_and_tasks(capsys):
