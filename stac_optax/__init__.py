@@ -1,6 +1,7 @@
 """stac_optax: STAC (SignSGD Trunk, AdamW Cap) for Optax and Flax."""
 
 from stac_optax.checkpoint import validate_state
+from stac_optax.order import ModuleOrderError, ModuleOrderWarning
 from stac_optax.partition import (
     ADAMW,
     FROZEN,
@@ -33,6 +34,8 @@ __all__ = (
     "FROZEN",
     "SIGN",
     "ModuleGroup",
+    "ModuleOrderError",
+    "ModuleOrderWarning",
     "NonFiniteGradientError",
     "STACPartition",
     "STACState",

@@ -1,21 +1,18 @@
-"""Module discovery in registration order, the AdamW cap size, path labels.
+"""The partition: counted modules in creation order, the cap size, path labels.
 
 A *counted module* is a node of the parameter tree that directly owns at least
 one trainable parameter; the module of a parameter is its parent path. Counted
-modules are ordered by a pre-order walk in registration order (the order
-PyTorch's ``named_modules()`` would give):
-
-* Flax linen params dicts and plain nested dicts: dict insertion order (linen
-  inserts submodules in creation order), lists and tuples by index.
-* Flax NNX modules: attribute assignment order, ``nnx.List`` by index; a
-  shared module or variable belongs to its first owner.
-* anything else: an explicit ``module_order``.
+modules are ordered by a pre-order walk in creation (registration) order, the
+order PyTorch's ``named_modules()`` would give; :mod:`stac_optax.order` says
+where that order is read from and refuses or warns when it was lost.
 
 Module order is never read from ``jax.tree_util`` flattening, which sorts dict
 keys (``Dense_10`` before ``Dense_2``). Once the partition is built, every
 parameter is identified by its ``/``-joined path only, so the labels of a tree
 do not depend on its dict order: they survive ``jax.tree.map``, ``jax.jit``,
-``optax.apply_updates`` and NNX ``State`` objects, which all sort keys.
+``optax.apply_updates`` and NNX ``State`` objects, which all sort keys. A
+partition is plain data: :meth:`STACPartition.to_dict` and
+:meth:`STACPartition.from_dict` keep it with a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,91 +21,40 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stac_optax import order as order_lib
+from stac_optax._tree import (  # noqa: F401  (the helpers' old home, still imported here)
+    ROOT,
+    Path,
+    is_parameter_leaf,
+    is_traced,
+    leaves_with_names,
+    path_name,
+)
+from stac_optax._tree import is_nnx_module as _is_nnx_module  # noqa: F401
+from stac_optax._tree import looks_like_linen_variables as _looks_like_linen_variables  # noqa: F401
+from stac_optax._tree import module_name as _module_name
+from stac_optax._tree import short_list as _short_list
+from stac_optax._tree import unbox as _unbox
+
 SIGN = "sign"
 ADAMW = "adamw"
 FROZEN = "frozen"
-ROOT = "<root>"
 DEFAULT_LAST_N_RATIO = 0.125
+PARTITION_FORMAT = "stac_optax.STACPartition/1"
 
-Path = tuple[Hashable, ...]
 TrainableSpec = Any  # a pytree of bools or a callable (name, leaf) -> bool
-
-
-# --------------------------------------------------------------------------
-# Paths and leaves
-# --------------------------------------------------------------------------
-
-
-def _key_str(key: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_name(path: Sequence[Any]) -> str:
-  """Joins a path (plain keys or ``jax.tree_util`` key entries) with ``/``."""
-  return "/".join(_key_str(k) for k in path)
-
-
-def _module_name(path: Sequence[Any]) -> str:
-  return path_name(path) if path else ROOT
-
-
-@functools.cache
-def _parameter_box_types() -> tuple[type, ...]:
-  """Containers that wrap one parameter value (treated as a single leaf)."""
-  types: list[type] = []
-  try:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    types.append(nnx.Variable)
-  except ImportError:  # pragma: no cover - flax is a dependency
-    pass
-  try:
-    from flax.core import meta  # pylint: disable=import-outside-toplevel
-
-    types.append(meta.AxisMetadata)
-  except ImportError:  # pragma: no cover
-    pass
-  return tuple(types)
-
-
-def is_parameter_leaf(x: Any) -> bool:
-  """``is_leaf`` for parameter trees: NNX variables and boxed linen params."""
-  return isinstance(x, _parameter_box_types())
-
-
-def _unbox(x: Any) -> Any:
-  if is_parameter_leaf(x):
-    for getter in ("get_value", "unbox"):
-      if hasattr(x, getter):
-        return getattr(x, getter)()
-    return x.value
-  return x
-
-
-def leaves_with_names(tree: Any) -> list[tuple[str, Any]]:
-  """``(path name, leaf)`` pairs of a tree, in ``jax.tree_util`` order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_parameter_leaf)
-  return [(path_name(p), leaf) for p, leaf in flat]
 
 
 # --------------------------------------------------------------------------
 # Cap size
 # --------------------------------------------------------------------------
-
-
-def is_traced(x: Any) -> bool:
-  """Whether ``x`` is a tracer (a value not known until the step runs)."""
-  return isinstance(x, jax.core.Tracer)
 
 
 def _static_number(name: str, value: Any, kind: type) -> Any:
@@ -390,6 +336,149 @@ class STACPartition:
         + hint
     )
 
+  # -- keeping it ------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """The partition as plain JSON-ready data (lists, strings, ints).
+
+    :meth:`from_dict` gives the same partition back, so a run can keep the
+    cap it started with: save it beside a checkpoint
+    (:func:`stac_optax.checkpoint.save` does) and build the resumed
+    optimizer from it, whatever order the rebuilt model comes back in.
+
+    Example:
+      >>> import json, jax.numpy as jnp
+      >>> import stac_optax
+      >>> part = stac_optax.partition_modules(
+      ...     {'stem': {'w': jnp.ones((2, 2))}, 'head': {'w': jnp.ones(2)}})
+      >>> text = json.dumps(part.to_dict())
+      >>> stac_optax.STACPartition.from_dict(json.loads(text)) == part
+      True
+    """
+    return {
+        "format": PARTITION_FORMAT,
+        "modules": [
+            {"name": m.name, "parameters": list(m.parameter_names)} for m in self.modules
+        ],
+        "cap_modules": self.resolved_last_n_modules,
+        "frozen_parameters": list(self.frozen_parameter_names),
+        "parameter_aliases": [list(pair) for pair in self.parameter_aliases],
+        "parameter_shapes": [[name, list(shape)] for name, shape in self.parameter_shapes],
+    }
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> STACPartition:
+    """The partition :meth:`to_dict` wrote (also after a JSON round trip).
+
+    Raises:
+      ValueError: ``data`` is not a saved partition, or is malformed; the
+        message names the field.
+    """
+    if not isinstance(data, Mapping) or data.get("format") != PARTITION_FORMAT:
+      found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+      raise ValueError(
+          f"not a saved STACPartition: expected format {PARTITION_FORMAT!r}, "
+          f"got {found!r}."
+      )
+
+    def field(name: str, check, what: str):
+      value = data.get(name)
+      if not check(value):
+        raise ValueError(f"saved STACPartition: {name!r} must be {what}, got {value!r}.")
+      return value
+
+    def strings(x):
+      return isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x)
+
+    modules = field(
+        "modules",
+        lambda v: isinstance(v, (list, tuple)) and all(
+            isinstance(m, Mapping) and isinstance(m.get("name"), str)
+            and strings(m.get("parameters")) for m in v),
+        "a list of {'name': str, 'parameters': [str, ...]}",
+    )
+    cap = field("cap_modules", lambda v: isinstance(v, int) and not isinstance(v, bool), "an int")
+    frozen = field("frozen_parameters", strings, "a list of parameter paths")
+    aliases = field(
+        "parameter_aliases",
+        lambda v: isinstance(v, (list, tuple)) and all(strings(p) and len(p) == 2 for p in v),
+        "a list of [path, owner path] pairs",
+    )
+    shapes = field(
+        "parameter_shapes",
+        lambda v: isinstance(v, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], (list, tuple))
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in p[1]) for p in v),
+        "a list of [path, [dims]] pairs",
+    )
+    return cls(
+        modules=tuple(ModuleGroup(m["name"], tuple(m["parameters"])) for m in modules),
+        resolved_last_n_modules=cap,
+        frozen_parameter_names=tuple(frozen),
+        parameter_aliases=tuple((a, o) for a, o in aliases),
+        parameter_shapes=tuple((n, tuple(s)) for n, s in shapes),
+    )
+
+  def difference(self, other: STACPartition) -> str | None:
+    """How ``other`` differs from this partition, first difference first.
+
+    ``None`` when both split the same modules, parameters and shapes the
+    same way. Otherwise a sentence naming the first module that moved
+    (changed position or section), or what was added, removed or reshaped.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import stac_optax
+      >>> params = {'stem': {'w': jnp.ones(2)}, 'mid': {'w': jnp.ones(2)},
+      ...           'head': {'w': jnp.ones(2)}}
+      >>> fresh = stac_optax.partition_modules(params, last_n_modules=1)
+      >>> shuffled = stac_optax.partition_modules(
+      ...     params, last_n_modules=1, module_order=['head', 'mid', 'stem'])
+      >>> fresh.difference(shuffled)
+      "module 'stem' moved: #0 of 3 (trunk) here, #2 of 3 (cap) there"
+    """
+    mine, theirs = self.module_names, other.module_names
+    if set(mine) != set(theirs):
+      added = [m for m in theirs if m not in set(mine)]
+      removed = [m for m in mine if m not in set(theirs)]
+      return (
+          "other modules: "
+          + (f"{_short_list(removed)} only here" if removed else "")
+          + ("; " if removed and added else "")
+          + (f"{_short_list(added)} only there" if added else "")
+      )
+
+    def where(part: STACPartition, i: int) -> str:
+      section = "trunk" if i < part._split else "cap"  # pylint: disable=protected-access
+      return f"#{i} of {len(part.modules)} ({section})"
+
+    for i, name in enumerate(mine):
+      j = theirs.index(name)
+      if i != j or (i < self._split) != (j < other._split):
+        return f"module {name!r} moved: {where(self, i)} here, {where(other, j)} there"
+    for a, b in zip(self.modules, other.modules, strict=True):
+      if a.parameter_names != b.parameter_names:
+        return (
+            f"module {a.name!r} owns {list(a.parameter_names)} here, "
+            f"{list(b.parameter_names)} there"
+        )
+    if set(self.frozen_parameter_names) != set(other.frozen_parameter_names):
+      return (
+          f"frozen parameters differ: {_short_list(sorted(self.frozen_parameter_names))} here, "
+          f"{_short_list(sorted(other.frozen_parameter_names))} there"
+      )
+    mine_shapes, their_shapes = dict(self.parameter_shapes), dict(other.parameter_shapes)
+    for name, shape in mine_shapes.items():
+      if name in their_shapes and their_shapes[name] != shape:
+        return f"parameter {name!r} has shape {shape} here, {their_shapes[name]} there"
+    return None
+
+  @property
+  def module_names(self) -> tuple[str, ...]:
+    """Every counted module's name, in creation order."""
+    return tuple(m.name for m in self.modules)
+
   # -- display --------------------------------------------------------------
 
   @property
@@ -425,129 +514,9 @@ class STACPartition:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _short_list(names: Sequence[str], limit: int = 8) -> str:
-  shown = ", ".join(repr(n) for n in names[:limit])
-  return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 # --------------------------------------------------------------------------
-# Discovery
+# Building a partition
 # --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Discovery:
-  """What a walk in registration order found."""
-
-  node_paths: list[Path]  # every node, pre-order
-  parameters: list[tuple[Path, Any]]  # candidate parameters, first owner only
-  aliases: dict[str, str]  # tree path -> owner path
-
-
-def _is_nnx_module(obj: Any) -> bool:
-  try:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-  except ImportError:  # pragma: no cover
-    return False
-  return isinstance(obj, nnx.Pytree) and not isinstance(obj, nnx.State)
-
-
-def _is_nnx_state(obj: Any) -> bool:
-  try:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-  except ImportError:  # pragma: no cover
-    return False
-  return isinstance(obj, nnx.State)
-
-
-def _discover_nnx(model: Any) -> _Discovery:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from flax.nnx import graph  # pylint: disable=import-outside-toplevel
-
-  def ordered_children(node: Any) -> list[tuple[Hashable, Any]]:
-    children = list(graph.get_node_impl(node).node_dict(node).items())
-    if isinstance(node, nnx.Pytree):
-      order = list(vars(node))
-    elif isinstance(node, Mapping):
-      order = list(node)
-    else:
-      return children  # lists and tuples: index order already
-    rank = {str(k): i for i, k in enumerate(order)}
-    children.sort(key=lambda kv: rank.get(str(kv[0]), len(rank)))
-    return [(k, v) for k, v in children if not str(k).startswith("_pytree__")]
-
-  node_paths: list[Path] = []
-  parameters: list[tuple[Path, Any]] = []
-  owner: dict[int, Path] = {}
-  visited: set[int] = set()
-
-  def visit(node: Any, path: Path) -> None:
-    if id(node) in visited:  # a shared module counts at its first owner
-      return
-    visited.add(id(node))
-    node_paths.append(path)
-    for key, child in ordered_children(node):
-      child_path = (*path, key)
-      if isinstance(child, nnx.Variable):
-        if id(child) not in owner:
-          owner[id(child)] = child_path
-          if isinstance(child, nnx.Param):
-            parameters.append((child_path, child))
-      elif graph.is_node(child):
-        visit(child, child_path)
-
-  visit(model, ())
-
-  # nnx.state lists a shared variable once, under the path its own (sorted)
-  # traversal meets first; map that path to the first owner in registration
-  # order.
-  aliases: dict[str, str] = {}
-  seen: set[int] = set()
-  for path, value in graph.iter_graph(model):
-    if isinstance(value, nnx.Param) and id(value) not in seen:
-      seen.add(id(value))
-      tree_name, owner_name = path_name(path), path_name(owner[id(value)])
-      if tree_name != owner_name:
-        aliases[tree_name] = owner_name
-  return _Discovery(node_paths, parameters, aliases)
-
-
-def _discover_tree(tree: Any) -> _Discovery:
-  node_paths: list[Path] = []
-  parameters: list[tuple[Path, Any]] = []
-
-  def visit(node: Any, path: Path) -> None:
-    if node is None:
-      return
-    if is_parameter_leaf(node):
-      parameters.append((path, node))
-      return
-    if isinstance(node, Mapping):
-      children = list(node.items())
-    elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-      children = list(enumerate(node))
-    else:
-      flat, _ = jax.tree_util.tree_flatten_with_path(
-          node, is_leaf=lambda x: x is not node
-      )
-      if len(flat) == 1 and flat[0][0] == () and flat[0][1] is node:
-        parameters.append((path, node))  # a leaf
-        return
-      children = [(_key_str(p[0]), child) for p, child in flat]
-    node_paths.append(path)
-    for key, child in children:
-      visit(child, (*path, key))
-
-  visit(tree, ())
-  return _Discovery(node_paths, parameters, {})
-
-
-def _looks_like_linen_variables(tree: Any) -> bool:
-  return (
-      isinstance(tree, Mapping)
-      and isinstance(tree.get("params"), Mapping)
-      and all(isinstance(v, Mapping) for v in tree.values())
-  )
 
 
 def _trainable_mask(
@@ -616,31 +585,49 @@ def partition_modules(
   """Splits the counted modules of a model into the sign trunk and AdamW cap.
 
   Args:
-    model_or_params: a Flax NNX ``Module``; a linen params dict as returned by
-      ``Module.init`` (the ``params`` collection, or the whole variables dict,
-      whose ``params`` is then used); a plain nested dict (lists and tuples
-      allowed) of arrays; or a :class:`STACPartition`, returned as it is, or
-      with its cap resolved again when a cap argument is given.
+    model_or_params: a *builder*, i.e. a zero-argument callable that creates
+      the model or its variables (``lambda: Net(rngs=nnx.Rngs(0))``,
+      ``lambda: model.init(key, x)``), called once under
+      :func:`jax.eval_shape` (no parameter memory, no FLOPs) so that the
+      creation order is read before JAX can sort it: the form that is right
+      in every case. Or the model itself: a Flax NNX ``Module``; a linen
+      params dict as returned by ``Module.init`` (the ``params`` collection,
+      or the whole variables dict, whose ``params`` is then used); a plain
+      nested dict (lists and tuples allowed) of arrays; or a
+      :class:`STACPartition`, returned as it is, or with its cap resolved
+      again when a cap argument is given. See ``docs/optimizer.md``, "Where
+      the order comes from".
     last_n_modules: explicit cap size (clamped to the module count).
     last_n_ratio: fraction of counted modules in the cap; default ``0.125``.
     adamw_ratio: alias of ``last_n_ratio``.
     trainable: which parameters are trained: a callable ``(path name, leaf) ->
       bool`` or a tree of bools with the parameters' paths. Others are frozen:
       not counted, never updated, no optimizer state. For NNX modules only
-      ``nnx.Param`` variables are candidates.
+      ``nnx.Param`` variables are candidates. With a builder, the callable
+      sees ``jax.ShapeDtypeStruct`` leaves.
     module_order: an explicit registration order: every counted module path
-      (``<root>`` for root-owned parameters) exactly once. Needed for trees
-      whose dict order is not the creation order (anything rebuilt by
-      ``jax.tree.map``, ``nnx.State``, loaded checkpoints).
+      (``<root>`` for root-owned parameters) exactly once. For trees whose
+      dict order is not the creation order (anything rebuilt by
+      ``jax.tree.map``, ``nnx.State``, loaded checkpoints); it also turns
+      off the lost-order check.
 
   Returns:
     A :class:`STACPartition`.
 
   Raises:
     ValueError: invalid cap arguments, no trainable parameter, a
-      non-floating trainable parameter, an ``nnx.State`` without
-      ``module_order``, or a ``module_order`` that does not list each counted
-      module exactly once.
+      non-floating trainable parameter, or a ``module_order`` that does not
+      list each counted module exactly once.
+    ModuleOrderError: (a ``ValueError``) the tree's creation order was
+      provably lost (sorted dicts with ``Dense_10`` before ``Dense_2``), or
+      an ``nnx.State`` without ``module_order``.
+    TypeError: a linen ``Module`` definition (give its variables or a
+      builder), or a callable that is not a zero-argument builder.
+
+  Warns:
+    ModuleOrderWarning: the creation order was probably lost (every dict
+      level in sorted order, which a fresh model gives rarely by chance); see
+      :func:`stac_optax.order.check_tree_order`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -673,18 +660,7 @@ def partition_modules(
     )
     return dataclasses.replace(model_or_params, resolved_last_n_modules=cap)
 
-  if _is_nnx_state(model_or_params) and module_order is None:
-    raise ValueError(
-        "an nnx.State is sorted by key and has lost the modules' registration "
-        "order; pass the nnx.Module itself, or give module_order."
-    )
-  if _is_nnx_module(model_or_params):
-    found = _discover_nnx(model_or_params)
-  else:
-    tree = model_or_params
-    if _looks_like_linen_variables(tree):
-      tree = tree["params"]
-    found = _discover_tree(tree)
+  found = order_lib.discover(model_or_params, check_order=module_order is None)
 
   flags = _trainable_mask(trainable, found.parameters)
   trainable_params = [p for p, f in zip(found.parameters, flags, strict=True) if f]

@@ -207,8 +207,8 @@ def test_module_order_overrides_the_tree_order():
   params = mlp_params(12)
   resorted = jax.tree.map(lambda x: x, params)  # dict order is now sorted
   assert list(resorted)[2] == "Dense_10"
-  wrong = stac_optax.partition_modules(resorted, last_n_modules=2)
-  assert wrong.adamw_module_names == ("Dense_8", "Dense_9")  # the trap
+  with pytest.raises(stac_optax.ModuleOrderError, match="'Dense_11' comes before 'Dense_2'"):
+    stac_optax.partition_modules(resorted, last_n_modules=2)  # the trap: cap Dense_8, Dense_9
   right = stac_optax.partition_modules(
       resorted, last_n_modules=2, module_order=[f"Dense_{i}" for i in range(12)]
   )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import chex
 import hypothesis.strategies as st
@@ -78,8 +79,34 @@ def trees(draw, allow_tuples=True, max_depth=4, max_modules=40):
   return Generated(tree, order, leaves)
 
 
+def _looks_sorted_by_jax(tree, leaf_names, path=()):
+  """Whether some dict level of ``tree`` (keys holding a leaf) is in sorted key order
+  with numbered names out of numeric order: the evidence ModuleOrderError acts on."""
+  if isinstance(tree, dict):
+    keys = [k for k in tree if any(n == path_name((*path, k)) or n.startswith(path_name((*path, k)) + "/")
+                                   for n in leaf_names)]
+    numbered = [(re.match(r"^(.*?)(\d+)$", k), k) for k in keys]
+    families = {}
+    for match, _ in numbered:
+      if match:
+        families.setdefault(match.group(1), []).append(int(match.group(2)))
+    if keys == sorted(keys) and any(v != sorted(v) for v in families.values()):
+      return True
+    children = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    children = enumerate(tree)
+  else:
+    return False
+  return any(_looks_sorted_by_jax(v, leaf_names, (*path, k)) for k, v in children)
+
+
 def _module_name(path):
   return path_name(path) if path else "<root>"
+
+
+def _order(gen):
+  """The generated creation order, given explicitly where the test is not about order."""
+  return [_module_name(p) for p in gen.order]
 
 
 def _cap_size(count, draw_kwargs):
@@ -105,7 +132,13 @@ def test_cap_is_the_last_counted_modules_and_labels_depend_only_on_paths(gen, kw
   owners = {n.rsplit("/", 1)[0] if "/" in n else "" for n, t in trainable.items() if t}
   expected = [_module_name(p) for p in gen.order if path_name(p) in owners]
   assume(expected)
-  part = stac_optax.partition_modules(gen.tree, trainable=lambda n, _: trainable[n], **kwargs)
+  try:
+    part = stac_optax.partition_modules(gen.tree, trainable=lambda n, _: trainable[n], **kwargs)
+  except stac_optax.ModuleOrderError:
+    # a generated dict happens to hold Dense_10 before Dense_2 in sorted order, which
+    # no model builds; the refusal must be justified, and the example is set aside
+    assert _looks_sorted_by_jax(gen.tree, set(gen.leaves))
+    assume(False)
 
   cap = _cap_size(len(expected), kwargs)
   assert [m.name for m in part.modules] == expected
@@ -137,7 +170,7 @@ def _close(got, want, dtype):
 @given(trees(max_depth=3), cap_args, st.floats(1e-4, 0.5), st.floats(0.0, 0.5), st.data())
 def test_updates_state_and_nonfinite_skips(gen, kwargs, lr, wd, data):
   tree = gen.tree
-  part = stac_optax.partition_modules(tree, **kwargs)
+  part = stac_optax.partition_modules(tree, module_order=_order(gen), **kwargs)
   tx = stac_optax.stac(part, lr, weight_decay=wd, sign_lr_scale=0.5)
   state = tx.init(tree)
   grads = jax.tree.map(lambda p: jnp.where(jnp.arange(p.size).reshape(p.shape) % 5 == 0, 0.0,
@@ -184,7 +217,7 @@ def test_updates_state_and_nonfinite_skips(gen, kwargs, lr, wd, data):
 @settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(trees(max_depth=3), cap_args)
 def test_jit_and_eager_agree(gen, kwargs):
-  tx = stac_optax.stac(gen.tree, 1e-2, weight_decay=0.1, **kwargs)
+  tx = stac_optax.stac(gen.tree, 1e-2, weight_decay=0.1, module_order=_order(gen), **kwargs)
   state = tx.init(gen.tree)
   grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), gen.tree)
   for _ in range(2):

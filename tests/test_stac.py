@@ -88,7 +88,7 @@ def test_state_holds_only_the_cap_moments_and_scalar_counters():
 
 def test_nonfinite_gradient_skips_the_whole_step_bit_for_bit(params12):
   params = jax.tree.map(lambda x: x.at[..., 0].set(-0.0), params12)  # -0.0 must survive
-  tx = stac_optax.stac(params, 1e-2, weight_decay=0.1)
+  tx = stac_optax.stac(params12, 1e-2, weight_decay=0.1)
   p1, s1 = _step(tx, params, random_like(params))
   bad = random_like(params, seed=5)
   bad["Dense_11"]["bias"] = bad["Dense_11"]["bias"].at[1].set(jnp.nan)
