@@ -1,11 +1,18 @@
-"""Checking a saved or restored STAC state against a partition; Orbax restore.
+"""Keeping a STAC run: its partition beside the state, and checked restores.
 
 Orbax restores a checkpoint into whatever template it is given, also one made
 for another partition, without complaint. :func:`validate_state` reads the
 state as it was saved (a :class:`stac_optax.STACState`, or the plain nested
 dicts Orbax returns without a template) and refuses one whose cap, parameter
 names, shapes or trunk state do not fit the partition, naming the mismatch.
-:func:`restore` does that before restoring into the typed template.
+
+A checkpoint written by :func:`save` (or by an ``ocp.CheckpointManager`` given
+:func:`save_args`) also holds the :class:`~stac_optax.STACPartition` as JSON,
+in an item named ``stac_partition`` beside the ``state`` item. A resumed run
+builds its optimizer from :func:`load_partition`, so it keeps the cap it
+started with even when the rebuilt model comes back in another order, and
+:func:`restore` checks the saved state against the saved partition (and
+against the caller's, naming the first module that moved).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from stac_optax.partition import STACPartition
 from stac_optax.stac import STACState
 
 _GROUPS = ("sign", "adamw", "frozen")
+STATE_ITEM = "state"
+PARTITION_ITEM = "stac_partition"
 
 
 def _child(node: Any, key: Any, where: str) -> Any:
@@ -82,6 +91,22 @@ def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) 
   return problems
 
 
+def _moved_modules(part: STACPartition, cap_parameter_names: Sequence[str]) -> list[str]:
+  """Names the modules whose section differs between a state's cap and ``part``."""
+  module_of = {p: m.name for m in part.modules for p in m.parameter_names}
+  position = {name: i for i, name in enumerate(part.module_names)}
+  in_state = {module_of[n] for n in cap_parameter_names if n in module_of}
+  in_part = set(part.adamw_module_names)
+  into_cap = [m for m in part.adamw_module_names if m not in in_state]
+  out_of_cap = [m for m in part.module_names if m in in_state - in_part]
+  if not (into_cap or out_of_cap):
+    return []
+  total = len(part.modules)
+  moved = [f"module {m!r} (#{position[m]} of {total}) is in this partition's trunk but the state's cap" for m in out_of_cap]
+  moved += [f"module {m!r} (#{position[m]} of {total}) is in this partition's cap but not the state's" for m in into_cap]
+  return ["; ".join(moved[:4]) + (f" (and {len(moved) - 4} more moves)" if len(moved) > 4 else "")]
+
+
 def validate_state(
     opt_state: Any,
     model_or_params_or_partition: Any,
@@ -117,8 +142,8 @@ def validate_state(
     Traceback (most recent call last):
     ...
     ValueError: the optimizer state does not fit this STAC partition (3 trunk modules
-    / 1 cap module, cap: Dense_3): cap moments 'mu' has entries for parameters
-    outside it: 'Dense_2/kernel'; ...
+    / 1 cap module, cap: Dense_3): module 'Dense_2' (#2 of 4) is in this
+    partition's trunk but the state's cap; ...
   """
   part = model_or_params_or_partition
   if not isinstance(part, STACPartition) or partition_kwargs:
@@ -149,9 +174,11 @@ def validate_state(
       tree = cap.get(field) if isinstance(cap, Mapping) else getattr(cap, field, None)
       if tree is None and field == "nu_max":
         continue
+      got = _names_and_shapes(tree)
+      if field == "mu":
+        problems += _moved_modules(part, [owner_of.get(n, n) for n in got])
       problems += _compare(
-          f"cap moments {field!r}", _names_and_shapes(tree),
-          expected(part.adamw_parameter_names), owner_of,
+          f"cap moments {field!r}", got, expected(part.adamw_parameter_names), owner_of,
       )
     trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
     momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
@@ -177,10 +204,90 @@ def validate_state(
     )
 
 
+def save_args(tree: Any, partition: STACPartition) -> Any:
+  """Orbax arguments that save ``tree`` and the partition it was trained with.
+
+  For ``ocp.CheckpointManager``: ``manager.save(step, args=save_args(tree,
+  partition))`` writes the items ``state`` (``ocp.args.StandardSave``) and
+  ``stac_partition`` (``ocp.args.JsonSave`` of :meth:`STACPartition.to_dict`).
+  :func:`restore` and :func:`load_partition` read a step directory written
+  this way.
+
+  Args:
+    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``.
+    partition: the partition of the optimizer (``partition_modules(...)``, or
+      the one the optimizer was built from).
+
+  Returns:
+    An ``ocp.args.Composite``.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(partition, STACPartition):
+    raise TypeError(
+        f"partition must be a STACPartition (stac_optax.partition_modules(...)), "
+        f"got {type(partition).__name__}."
+    )
+  return ocp.args.Composite(
+      **{
+          STATE_ITEM: ocp.args.StandardSave(tree),
+          PARTITION_ITEM: ocp.args.JsonSave(partition.to_dict()),
+      }
+  )
+
+
+def save(path: Any, tree: Any, partition: STACPartition, *, force: bool = False) -> None:
+  """Saves ``tree`` with Orbax and the STAC partition beside it, and waits.
+
+  The checkpoint directory holds the items ``state`` and ``stac_partition``
+  (see :func:`save_args`).
+
+  Args:
+    path: the checkpoint directory (it must not exist unless ``force``).
+    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``.
+    partition: the partition of the optimizer.
+    force: overwrite an existing checkpoint.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  args = save_args(tree, partition)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(path, args, force=force)
+
+
+def load_partition(path: Any) -> STACPartition:
+  """The partition saved in a checkpoint by :func:`save` or :func:`save_args`.
+
+  Build the resumed optimizer from it (``stac_optax.stac(load_partition(path),
+  ...)``): the cap is the one the run started with, whatever order the
+  rebuilt model or the restored params come back in.
+
+  Raises:
+    ValueError: the checkpoint holds no saved partition.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  if not _partition_dir(path).exists():
+    raise ValueError(
+        f"the checkpoint at {str(path)!r} holds no saved STAC partition (no "
+        f"{PARTITION_ITEM!r} item); it was not written by "
+        "stac_optax.checkpoint.save / save_args."
+    )
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    data = checkpointer.restore(path, ocp.args.Composite(**{PARTITION_ITEM: ocp.args.JsonRestore()}))
+  return STACPartition.from_dict(data[PARTITION_ITEM])
+
+
+def _partition_dir(path: Any) -> Any:
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  return epath.Path(path) / PARTITION_ITEM
+
+
 def restore(
-    path: str,
+    path: Any,
     abstract: Any,
-    model_or_params_or_partition: Any,
+    model_or_params_or_partition: Any = None,
     *,
     state_key: str | Sequence[Any] = "opt_state",
     checkpointer: Any | None = None,
@@ -194,14 +301,23 @@ def restore(
   restored into ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays,
   e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
 
+  A checkpoint written by :func:`save` / :func:`save_args` carries its
+  partition: the state is checked against it, and a partition given here
+  must equal it (else the error names the first module that moved; build
+  the optimizer from :func:`load_partition` instead). A plain Orbax
+  checkpoint (``ocp.StandardCheckpointer``) is checked against the partition
+  given here, which is then required.
+
   Args:
     path: the checkpoint directory.
     abstract: the typed template to restore into.
-    model_or_params_or_partition: what the state must fit.
+    model_or_params_or_partition: what the state must fit: a model, params,
+      a builder or a :class:`~stac_optax.STACPartition`. Optional for a
+      checkpoint that carries its partition.
     state_key: key (or sequence of keys) of the optimizer state in the saved
       tree.
-    checkpointer: an ``orbax.checkpoint`` checkpointer; default
-      ``StandardCheckpointer()``.
+    checkpointer: an ``orbax.checkpoint`` checkpointer for a plain Orbax
+      checkpoint; default ``StandardCheckpointer()``.
     sign_momentum: as for :func:`validate_state`.
     **partition_kwargs: as for :func:`validate_state`.
 
@@ -209,27 +325,60 @@ def restore(
     The restored tree, shaped like ``abstract``.
 
   Raises:
-    ValueError: the saved state does not fit the partition.
+    ValueError: the saved state does not fit the partition, or the saved
+      partition is not the one given.
 
   Example:
-    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> import tempfile, jax.numpy as jnp
     >>> import stac_optax
     >>> from stac_optax import checkpoint
     >>> params = {f'Dense_{i}': {'kernel': jnp.ones((2, 2))} for i in range(8)}
-    >>> tx = stac_optax.stac(params)
+    >>> part = stac_optax.partition_modules(params)
+    >>> tx = stac_optax.stac(part)
     >>> path = tempfile.mkdtemp() + '/ckpt'
-    >>> saver = ocp.StandardCheckpointer()
-    >>> saver.save(path, {'params': params, 'opt_state': tx.init(params)})
-    >>> saver.wait_until_finished()  # Orbax saves asynchronously
-    >>> restored = checkpoint.restore(path, {'params': params, 'opt_state': tx.init(params)}, params)
+    >>> checkpoint.save(path, {'params': params, 'opt_state': tx.init(params)}, part)
+    >>> resumed = checkpoint.load_partition(path)  # the cap the run started with
+    >>> resumed == part
+    True
+    >>> restored = checkpoint.restore(path, {'params': params, 'opt_state': tx.init(params)})
     >>> type(restored['opt_state']).__name__
     'STACState'
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
+  keys = [state_key] if isinstance(state_key, str) else list(state_key)
+  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  if _partition_dir(path).exists():
+    saved_partition = load_partition(path)
+    if model_or_params_or_partition is not None:
+      given = model_or_params_or_partition
+      if not isinstance(given, STACPartition) or partition_kwargs:
+        given = partition_lib.partition_modules(given, **partition_kwargs)
+      moved = saved_partition.difference(given)
+      if moved is not None:
+        raise ValueError(
+            f"the checkpoint at {str(path)!r} was trained with another STAC "
+            f"partition ({saved_partition.summary}) than the one given "
+            f"({given.summary}): {moved}. Build the optimizer from the saved "
+            "one: stac_optax.stac(stac_optax.checkpoint.load_partition(path), ...)."
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as composite:
+      saved = composite.restore(path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))[STATE_ITEM]
+      for key in keys:
+        saved = _child(saved, key, "the checkpoint")
+      validate_state(saved, saved_partition, sign_momentum=sign_momentum)
+      return composite.restore(
+          path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(template)})
+      )[STATE_ITEM]
+
+  if model_or_params_or_partition is None:
+    raise ValueError(
+        f"the checkpoint at {str(path)!r} holds no saved STAC partition; give "
+        "the model, params or partition the state must fit."
+    )
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   saved = checkpointer.restore(path)
-  for key in [state_key] if isinstance(state_key, str) else list(state_key):
+  for key in keys:
     saved = _child(saved, key, "the checkpoint")
   validate_state(saved, model_or_params_or_partition, sign_momentum=sign_momentum, **partition_kwargs)
-  return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract))
+  return checkpointer.restore(path, template)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stac_optax import order as order_lib
 from stac_optax import partition as partition_lib
 from stac_optax.stac import STACState, nonfinite_skipped_steps, stac
 
@@ -110,7 +111,11 @@ class ParameterMatch:
 
 def flax_params(target: Any) -> Any:
   """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
-  arrays), a linen variables dict's ``params``, or the tree itself."""
+  arrays), a linen variables dict's ``params``, or the tree itself; for a
+  builder (``lambda: Net(...)``), that of what it builds, as
+  ``jax.ShapeDtypeStruct`` leaves (it is traced, not run)."""
+  if order_lib.is_builder(target):
+    return jax.eval_shape(lambda: flax_params(target()))
   if partition_lib._is_nnx_module(target):  # pylint: disable=protected-access
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -180,7 +185,7 @@ def match_parameters(
   name_map = dict(name_map or {})
   leaves = dict(partition_lib.leaves_with_names(flax_params(target)))
   aliases = {}
-  if partition_lib._is_nnx_module(target):  # pylint: disable=protected-access
+  if partition_lib._is_nnx_module(target) or order_lib.is_builder(target):  # pylint: disable=protected-access
     # a tied NNX variable shows in the state under its sorted-first path
     part = partition_lib.partition_modules(target, last_n_modules=0)
     aliases = {owner: alias for alias, owner in part.parameter_aliases}

@@ -141,6 +141,17 @@ def test_check_parity_reports_agreement_and_disagreement():
   assert "MISMATCH" in str(bad) and "<- differs" in str(bad)
 
 
+def test_check_parity_and_from_torch_take_a_builder_and_a_rebuilt_model():
+  tm, fm, _ = make_pair("encoder")
+  build = lambda: models.NNXEncoder(rngs=nnx.Rngs(0))  # noqa: E731
+  assert type(fm) is models.NNXEncoder
+  report = torch_interop.check_parity(tm, build, steps=2, weight_decay=1e-2)
+  assert report.ok and report.partition_matches
+  assert report.flax_cap == ("layers/1/ff2", "final_norm", "head")
+  rebuilt = nnx.merge(*nnx.split(fm))  # attributes now in sorted order
+  assert torch_interop.check_parity(tm, rebuilt, steps=2).flax_cap == report.flax_cap
+
+
 def test_check_parity_leaves_both_models_untouched():
   tm, fm, _ = make_pair("residual_mlp")
   before_t = {n: p.detach().clone() for n, p in tm.named_parameters()}
