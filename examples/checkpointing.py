@@ -1,10 +1,14 @@
 """Save and resume a STAC run with Orbax, exactly; refuse a mismatched state.
 
-Trains a Flax NNX model for N steps, saves the params and the optimizer state
-with ``orbax.checkpoint``, restores them into a fresh model and optimizer and
-trains M more steps: the result equals N + M steps straight through, bit for
-bit. Then it shows ``stac_optax.checkpoint.restore`` refusing the checkpoint
-for a model with another cap, which Orbax alone would restore without a word.
+Trains a Flax NNX model for N steps, saves the params, the optimizer state and
+the STAC partition with ``stac_optax.checkpoint.save`` (an Orbax composite
+checkpoint), then resumes as Flax's checkpoint recipe does, in a fresh
+process: an abstract model from ``nnx.eval_shape``, its state restored and
+merged back. The resumed optimizer is built from the saved partition, so it
+has the cap the run started with, and M more steps equal N + M steps straight
+through, bit for bit. Then it shows ``stac_optax.checkpoint.restore``
+refusing the checkpoint for an optimizer with another cap, which Orbax alone
+would restore without a word.
 
     python examples/checkpointing.py [--steps 20] [--dir /tmp/stac-ckpt]
 """
@@ -19,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 import stac_optax
@@ -39,12 +42,11 @@ class Net(nnx.Module):
     return self.head(x)
 
 
-def setup(last_n_modules=None):
-  model = Net(nnx.Rngs(0))
-  tx = stac_optax.stac(model, 3e-3, weight_decay=1e-2, last_n_modules=last_n_modules)
-  graphdef, params = nnx.split(model, nnx.Param)
+def setup(partition):
+  tx = stac_optax.stac(partition, 3e-3, weight_decay=1e-2)
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
   params = nnx.as_pure(params)
-  return model, tx, graphdef, params, tx.init(params)
+  return tx, graphdef, params, tx.init(params)
 
 
 def train(tx, graphdef, params, opt_state, start, steps):
@@ -68,30 +70,38 @@ def main(argv=None):
   directory = args.dir or tempfile.mkdtemp(prefix="stac-ckpt-")
   path = f"{directory}/step_{args.steps}"
 
-  model, tx, graphdef, params, opt_state = setup()
+  # the builder form: the partition is read in creation order, whatever happens to the model later
+  partition = stac_optax.partition_modules(lambda: Net(nnx.Rngs(0)))
+  tx, graphdef, params, opt_state = setup(partition)
   straight, straight_state = train(tx, graphdef, params, opt_state, 0, 2 * args.steps)
 
   params, opt_state = train(tx, graphdef, params, opt_state, 0, args.steps)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, {"params": params, "opt_state": opt_state}, force=True)
-  checkpointer.wait_until_finished()
+  checkpoint.save(path, {"params": params, "opt_state": opt_state}, partition, force=True)
 
-  # a fresh model and optimizer, as in a new process
-  model, tx, graphdef, fresh_params, fresh_state = setup()
-  restored = checkpoint.restore(path, {"params": fresh_params, "opt_state": fresh_state}, model)
+  # a new process, as in Flax's restore recipe: abstract model, restore, merge
+  abstract_model = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.as_pure(abstract_params)
+  saved = checkpoint.load_partition(path)  # the cap the run started with
+  tx = stac_optax.stac(saved, 3e-3, weight_decay=1e-2)
+  template = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params)}
+  restored = checkpoint.restore(path, template)
+  model = nnx.merge(graphdef, restored["params"])
   resumed, resumed_state = train(tx, graphdef, restored["params"], restored["opt_state"], args.steps, args.steps)
   same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves((resumed, resumed_state)),
                                                   jax.tree.leaves((straight, straight_state)), strict=True))
+  print(f"saved partition: {saved}; the merged model gives the same: "
+        f"{stac_optax.partition_modules(model) == saved}")
   print(f"{args.steps} steps + save + restore + {args.steps} steps == {2 * args.steps} steps "
         f"straight through, bit for bit: {same}")
 
-  other_model, _, _, other_params, other_state = setup(last_n_modules=3)
+  other = stac_optax.partition_modules(model, last_n_modules=3)
   try:
-    checkpoint.restore(path, {"params": other_params, "opt_state": other_state}, other_model, last_n_modules=3)
+    checkpoint.restore(path, template, other)
     refused = None
   except ValueError as error:
     refused = str(error)
-    print(f"restoring into a model with another cap is refused:\n  {refused[:160]}...")
+    print(f"restoring for an optimizer with another cap is refused:\n  {refused[:200]}...")
   if not args.dir:
     shutil.rmtree(directory)
   return {"bitwise_equal": same, "refused": refused}

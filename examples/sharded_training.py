@@ -74,11 +74,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   mesh = make_mesh()
-  params = init_params(jax.random.key(0))
-  partition = stac_optax.partition_modules(params)  # read the order before any tree op
+  # The builder form: init_params runs once under jax.eval_shape (nothing is
+  # allocated) and the partition reads its dict in creation order. The params
+  # themselves are then created sharded by a jitted init, whose output dict
+  # comes back sorted, which no longer matters.
+  partition = stac_optax.partition_modules(lambda: init_params(jax.random.key(0)))
   tx = stac_optax.stac(partition, 3e-3, weight_decay=1e-2)
-  shardings = param_sharding(mesh, params)
-  params = jax.device_put(params, shardings)
+  abstract = jax.eval_shape(init_params, jax.random.key(0))
+  shardings = param_sharding(mesh, abstract)
+  params = jax.jit(init_params, out_shardings=shardings)(jax.random.key(0))
   opt_state = jax.jit(tx.init)(params)
 
   teacher = init_params(jax.random.key(1), n_layers=2)
