@@ -110,7 +110,9 @@ def is_builder(obj: Any) -> bool:
   return jax.tree_util.treedef_is_leaf(jax.tree.structure(obj))
 
 
-def discover(model_or_params: Any, *, check_order: bool = True) -> Discovery:
+def discover(
+    model_or_params: Any, *, check_order: bool = True, candidate: Any = None
+) -> Discovery:
   """Finds the candidate parameters and the nodes of a model, in creation order.
 
   Args:
@@ -119,16 +121,18 @@ def discover(model_or_params: Any, *, check_order: bool = True) -> Discovery:
       ``check_order`` is false, i.e. an explicit order follows).
     check_order: detect a lost order (warn or raise); false when the caller
       has an explicit ``module_order``.
+    candidate: for NNX models, a predicate ``(path, variable) -> bool`` (an
+      NNX filter) whose variables are candidates besides ``nnx.Param``.
 
   Returns:
     A :class:`Discovery`.
   """
   if is_builder(model_or_params):
-    return _discover_from_builder(model_or_params, check_order)
-  return _discover_value(model_or_params, check_order, what="model_or_params")
+    return _discover_from_builder(model_or_params, check_order, candidate)
+  return _discover_value(model_or_params, check_order, candidate, what="model_or_params")
 
 
-def _discover_value(obj: Any, check_order: bool, *, what: str) -> Discovery:
+def _discover_value(obj: Any, check_order: bool, candidate: Any, *, what: str) -> Discovery:
   if _tree.is_linen_module(obj):
     raise TypeError(
         f"{what} is a linen Module ({type(obj).__name__}), which holds no "
@@ -142,7 +146,7 @@ def _discover_value(obj: Any, check_order: bool, *, what: str) -> Discovery:
         "give module_order."
     )
   if _tree.is_nnx_module(obj):
-    return _discover_nnx(obj, check_order)
+    return _discover_nnx(obj, check_order, candidate)
   tree = obj["params"] if _tree.looks_like_linen_variables(obj) else obj
   found, levels = _discover_tree(tree)
   if check_order:
@@ -191,7 +195,20 @@ def _check_built(built: Any) -> None:
     )
 
 
-def _discover_from_builder(builder: Any, check_order: bool) -> Discovery:
+def _abstract(leaf: Any) -> Any:
+  """A parameter leaf with its value replaced by a ``jax.ShapeDtypeStruct``;
+  NNX variables keep their type and metadata (for NNX filters)."""
+  value = _tree.unbox(leaf)
+  abstract = jax.ShapeDtypeStruct(np.shape(value), _dtype_of(value))
+  if _tree.is_parameter_leaf(leaf) and hasattr(leaf, "replace"):
+    try:
+      return leaf.replace(abstract)
+    except (TypeError, ValueError):  # a box that will not hold it: the bare value
+      pass
+  return abstract
+
+
+def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> Discovery:
   try:
     inspect.signature(builder).bind()
   except TypeError:
@@ -209,12 +226,8 @@ def _discover_from_builder(builder: Any, check_order: bool) -> Discovery:
   def build() -> None:
     built = builder()
     _check_built(built)
-    found = _discover_value(built, check_order, what="the model builder's result")
-    abstract = [
-        (path, jax.ShapeDtypeStruct(np.shape(value), _dtype_of(value)))
-        for path, leaf in found.parameters
-        for value in [_tree.unbox(leaf)]
-    ]
+    found = _discover_value(built, check_order, candidate, what="the model builder's result")
+    abstract = [(path, _abstract(leaf)) for path, leaf in found.parameters]
     result.append(dataclasses.replace(found, parameters=abstract))
 
   try:
@@ -268,7 +281,7 @@ def _attribute_order(node: Any) -> tuple[list[str], bool]:
   return recorded_names, True
 
 
-def _discover_nnx(model: Any, check_order: bool) -> Discovery:
+def _discover_nnx(model: Any, check_order: bool, candidate: Any = None) -> Discovery:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from flax.nnx import graph  # pylint: disable=import-outside-toplevel
 
@@ -304,7 +317,9 @@ def _discover_nnx(model: Any, check_order: bool) -> Discovery:
       if isinstance(child, nnx.Variable):
         if id(child) not in owner:
           owner[id(child)] = child_path
-          if isinstance(child, nnx.Param):
+          if isinstance(child, nnx.Param) or (
+              candidate is not None and candidate(child_path, child)
+          ):
             parameters.append((child_path, child))
       elif graph.is_node(child):
         visit(child, child_path)
@@ -325,8 +340,9 @@ def _discover_nnx(model: Any, check_order: bool) -> Discovery:
   # traversal meets first; map that path to the first owner in creation order.
   aliases: dict[str, str] = {}
   seen: set[int] = set()
+  found = {id(leaf) for _, leaf in parameters}
   for path, value in graph.iter_graph(model):
-    if isinstance(value, nnx.Param) and id(value) not in seen:
+    if id(value) in found and id(value) not in seen:
       seen.add(id(value))
       tree_name, owner_name = _tree.path_name(path), _tree.path_name(owner[id(value)])
       if tree_name != owner_name:

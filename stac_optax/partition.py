@@ -314,7 +314,10 @@ class STACPartition:
       raise ValueError(
           f"{len(missing)} trainable parameter(s) of this STAC partition are "
           f"missing from the tree: {_short_list(missing)}. The tree must have "
-          "the paths of the parameters the partition was built from."
+          "the paths of the parameters the partition was built from. If only "
+          "some of the model trains (nnx.Optimizer(model, tx, wrt=...), a LoRA "
+          "or frozen backbone), give stac the same filter: stac(model, "
+          "wrt=nnx.LoRAParam) or trainable=...; the others are then frozen."
       )
     return jax.tree_util.tree_map_with_path(
         lambda path, _: self._label_of[path_name(path)],
@@ -519,12 +522,60 @@ class STACPartition:
 # --------------------------------------------------------------------------
 
 
+_TRAINABLE_FORMS = (
+    "trainable (or wrt) must be an NNX filter (a Variable type such as "
+    "nnx.Param or nnx.LoRAParam, a tuple of them, nnx.All / nnx.Any / nnx.Not, "
+    "nnx.PathContains, nnx.PathIn, ...), a callable (path name, leaf) -> bool, "
+    "or a tree of bools with the parameters' paths"
+)
+
+
+def _is_nnx_filter(obj: Any) -> bool:
+  try:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from flax.nnx import filterlib  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    return False
+  kinds = tuple(
+      getattr(filterlib, name)
+      for name in ("WithTag", "PathContains", "PathIn", "OfType", "Any", "All", "Not",
+                   "Everything", "Nothing")
+      if hasattr(filterlib, name)
+  )
+  if isinstance(obj, type):
+    return issubclass(obj, nnx.Variable)
+  if obj is Ellipsis or isinstance(obj, (str, kinds)):
+    return True
+  return isinstance(obj, (list, tuple)) and bool(obj) and all(_is_nnx_filter(f) for f in obj)
+
+
+def nnx_filter_predicate(trainable: Any) -> Any:
+  """The predicate ``(path, variable) -> bool`` of an NNX filter, else ``None``.
+
+  Filters are what ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.state``
+  take: ``Variable`` types, tuples of filters, ``nnx.All`` / ``nnx.Any`` /
+  ``nnx.Not``, ``nnx.PathContains``, ``nnx.PathIn``, a tag string, ``...``.
+  """
+  if not _is_nnx_filter(trainable):
+    if isinstance(trainable, type):
+      raise TypeError(
+          f"trainable={trainable.__name__} is a class but not an nnx.Variable "
+          f"type; {_TRAINABLE_FORMS}."
+      )
+    return None
+  from flax.nnx import filterlib  # pylint: disable=import-outside-toplevel
+
+  return filterlib.to_predicate(tuple(trainable) if isinstance(trainable, list) else trainable)
+
+
 def _trainable_mask(
-    trainable: TrainableSpec, parameters: list[tuple[Path, Any]]
+    trainable: TrainableSpec, parameters: list[tuple[Path, Any]], predicate: Any = None
 ) -> list[bool]:
   names = [path_name(p) for p, _ in parameters]
   if trainable is None:
     return [True] * len(parameters)
+  if predicate is not None:
+    return [bool(predicate(tuple(path), leaf)) for path, leaf in parameters]
   if callable(trainable) and not _is_nnx_module(trainable):
     out = []
     for name, (_, leaf) in zip(names, parameters, strict=True):
@@ -535,13 +586,16 @@ def _trainable_mask(
         )
       out.append(bool(flag))
     return out
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(trainable)) and not isinstance(
+      trainable, (bool, np.bool_)
+  ):
+    raise TypeError(f"{_TRAINABLE_FORMS}; got {trainable!r}.")
   given = dict(leaves_with_names(trainable))
   missing = [n for n in names if n not in given]
   extra = [n for n in given if n not in set(names)]
   if missing or extra:
     raise ValueError(
-        "trainable must be a callable (name, leaf) -> bool or a tree of bools "
-        "with the parameters' paths; "
+        f"{_TRAINABLE_FORMS}; this tree of bools has "
         + (f"missing paths: {_short_list(missing)}. " if missing else "")
         + (f"unknown paths: {_short_list(extra)}." if extra else "")
     )
@@ -581,6 +635,7 @@ def partition_modules(
     adamw_ratio: float | None = None,
     trainable: TrainableSpec | None = None,
     module_order: Sequence[str] | None = None,
+    wrt: Any | None = None,
 ) -> STACPartition:
   """Splits the counted modules of a model into the sign trunk and AdamW cap.
 
@@ -600,16 +655,22 @@ def partition_modules(
     last_n_modules: explicit cap size (clamped to the module count).
     last_n_ratio: fraction of counted modules in the cap; default ``0.125``.
     adamw_ratio: alias of ``last_n_ratio``.
-    trainable: which parameters are trained: a callable ``(path name, leaf) ->
-      bool`` or a tree of bools with the parameters' paths. Others are frozen:
-      not counted, never updated, no optimizer state. For NNX modules only
-      ``nnx.Param`` variables are candidates. With a builder, the callable
-      sees ``jax.ShapeDtypeStruct`` leaves.
+    trainable: which parameters are trained: an NNX filter, the one given
+      to ``nnx.Optimizer(model, tx, wrt=...)`` (``nnx.LoRAParam``,
+      ``(nnx.Param, MyVariable)``, ``nnx.All(nnx.Param,
+      nnx.Not(nnx.PathContains('backbone')))``, ...); a callable ``(path
+      name, leaf) -> bool``; or a tree of bools with the parameters' paths.
+      Others are frozen: not counted, never updated, no optimizer state. For
+      NNX modules the candidates are ``nnx.Param`` variables and whatever
+      variables the filter selects. With a builder, the callable sees
+      ``jax.ShapeDtypeStruct`` leaves (NNX variables keep their type).
     module_order: an explicit registration order: every counted module path
       (``<root>`` for root-owned parameters) exactly once. For trees whose
       dict order is not the creation order (anything rebuilt by
       ``jax.tree.map``, ``nnx.State``, loaded checkpoints); it also turns
       off the lost-order check.
+    wrt: ``trainable`` under the name ``nnx.Optimizer`` gives it; give one
+      of the two.
 
   Returns:
     A :class:`STACPartition`.
@@ -645,9 +706,9 @@ def partition_modules(
   del explicit, ratio  # validated before any walk; resolved below
 
   if isinstance(model_or_params, STACPartition):
-    if trainable is not None or module_order is not None:
+    if trainable is not None or module_order is not None or wrt is not None:
       raise ValueError(
-          "trainable and module_order cannot be applied to an existing "
+          "trainable, wrt and module_order cannot be applied to an existing "
           "STACPartition; build it again from the model or params."
       )
     if last_n_modules is None and last_n_ratio is None and adamw_ratio is None:
@@ -660,9 +721,19 @@ def partition_modules(
     )
     return dataclasses.replace(model_or_params, resolved_last_n_modules=cap)
 
-  found = order_lib.discover(model_or_params, check_order=module_order is None)
+  if wrt is not None:
+    if trainable is not None:
+      raise ValueError(
+          "trainable and wrt are two names of one argument (wrt as in "
+          "nnx.Optimizer); give one of them."
+      )
+    trainable = wrt
+  predicate = nnx_filter_predicate(trainable)
+  found = order_lib.discover(
+      model_or_params, check_order=module_order is None, candidate=predicate
+  )
 
-  flags = _trainable_mask(trainable, found.parameters)
+  flags = _trainable_mask(trainable, found.parameters, predicate)
   trainable_params = [p for p, f in zip(found.parameters, flags, strict=True) if f]
   frozen = tuple(
       path_name(p) for (p, _), f in zip(found.parameters, flags, strict=True) if not f
@@ -675,6 +746,9 @@ def partition_modules(
         + (
             "the tree has no array leaves."
             if not found.parameters
+            else f"trainable={trainable!r} matches none of the "
+            f"{len(found.parameters)} parameters ({_short_list([path_name(p) for p, _ in found.parameters])})."
+            if predicate is not None
             else f"all {len(found.parameters)} parameters are frozen by `trainable`."
         )
     )

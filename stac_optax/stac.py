@@ -316,6 +316,7 @@ def stac(
     trainable: Any | None = None,
     module_order: Any | None = None,
     mu_dtype: Any | None = None,
+    wrt: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAC: a SignSGD trunk and an AdamW cap.
 
@@ -341,9 +342,12 @@ def stac(
   grows. With ``error_if_nonfinite=True`` the step raises instead.
 
   Args:
-    model_or_params: a Flax NNX ``Module``, a linen params (or variables)
-      dict, a plain nested dict of arrays, or a :class:`STACPartition`. Only
-      its structure is read.
+    model_or_params: a builder (a zero-argument callable creating the model
+      or its variables, traced once under :func:`jax.eval_shape`: the form
+      that keeps the creation order in every case), a Flax NNX ``Module``, a
+      linen params (or variables) dict, a plain nested dict of arrays, or a
+      :class:`STACPartition`. Only its structure is read; see
+      :func:`partition_modules`.
     learning_rate: the cap's rate :math:`\eta` and the base of the trunk's; a
       float or an optax schedule.
     last_n_modules: explicit cap size in counted modules (overrides the
@@ -374,10 +378,14 @@ def stac(
       ``sign_weight_decay=weight_decay`` and both exemptions off is
       ``stac-optimizer`` 0.1.x.
     sign_state_dtype: dtype of the trunk's EMA buffer (e.g. ``jnp.bfloat16``).
-    trainable: a callable ``(path name, leaf) -> bool`` or a tree of bools;
-      other parameters are frozen (not counted, not updated, no state).
+    trainable: which parameters train: an NNX filter (the ``wrt`` of
+      ``nnx.Optimizer``: ``nnx.LoRAParam``, ``nnx.All(...)``,
+      ``nnx.PathContains(...)``, ...), a callable ``(path name, leaf) ->
+      bool`` or a tree of bools; other parameters are frozen (not counted,
+      not updated, no state).
     module_order: explicit registration order of the counted modules.
     mu_dtype: optional dtype of the cap's first moment.
+    wrt: ``trainable`` under ``nnx.Optimizer``'s name for it.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -442,6 +450,7 @@ def stac(
       adamw_ratio=adamw_ratio,
       trainable=trainable,
       module_order=module_order,
+      wrt=wrt,
   )
   hybrid = partition.is_hybrid
   if sign_weight_decay is None:

@@ -55,9 +55,19 @@ def test_digits_trains_both_optimizers_to_high_accuracy_and_plots(tmp_path):
 def test_checkpointing_resumes_bit_for_bit_and_refuses_another_cap():
   out = _load("checkpointing").main(["--steps", "6"])
   assert out["bitwise_equal"]
-  assert "lacks entries for" in out["refused"]
+  assert "module 'layers/6' moved: #7 of 10 (trunk) here, #7 of 10 (cap) there" in out["refused"]
 
 
 def test_sharded_training_runs_on_the_devices_there_are():
   out = _load("sharded_training").main(["--steps", "60"])
   assert out["losses"][-1] < 0.1 * out["losses"][0]
+
+
+def test_lora_finetuning_trains_only_the_adapters_with_a_fraction_of_adamws_state():
+  runs = _load("lora_finetuning").main(["--steps", "60", "--layers", "4"])
+  stac, adamw = runs["STAC (LoRA only)"], runs["AdamW (LoRA only)"]
+  for run in (stac, adamw):
+    assert run["frozen_unchanged"]
+    assert run["last_loss"] < 0.5 * run["first_loss"], run
+  assert stac["partition"].adamw_module_names == ("head/lora",)
+  assert stac["state_bytes"] < 0.35 * adamw["state_bytes"]
