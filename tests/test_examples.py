@@ -61,3 +61,13 @@ def test_checkpointing_resumes_bit_for_bit_and_refuses_another_cap():
 def test_sharded_training_runs_on_the_devices_there_are():
   out = _load("sharded_training").main(["--steps", "60"])
   assert out["losses"][-1] < 0.1 * out["losses"][0]
+
+
+def test_equinox_training_trains_both_optimizers_with_a_two_module_cap():
+  out = _load("equinox_training").main(["--steps", "60"])
+  assert out["cap"] == ("norm", "head") and out["trainable_modules"] == 15
+  stac, adamw = out["runs"]
+  for run in out["runs"]:
+    assert run["val_loss"] < 0.2 * run["initial_val_loss"], run
+  assert stac["skipped_steps"] == 0
+  assert stac["state_mib"] < 0.05 * adamw["state_mib"]
