@@ -324,6 +324,21 @@ def test_layernorm_weight_is_exempt_from_decay_while_a_linear_weight_decays():
   chex.assert_trees_all_equal(decayed.layers[3].bias, seq.layers[3].bias)  # still a bias
 
 
+def test_inject_hyperparams_takes_the_partition_since_a_filtered_model_is_callable():
+  mlp = eqx.nn.MLP(4, 1, 16, depth=3, key=jax.random.key(0))
+  params = params_of(mlp)
+  assert callable(params)  # inject_hyperparams would call it as a schedule
+  part = stac_optax.partition_modules(params)
+  tx = optax.inject_hyperparams(stac_optax.stac)(part, learning_rate=1e-2, weight_decay=0.1)
+  plain = stac_optax.stac(params, 1e-2, weight_decay=0.1)
+  grads = eqx.filter_grad(mse)(mlp, *batch(0))
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  want, _ = plain.update(grads, plain.init(params), params)
+  chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-9)  # float32 hyperparams
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+
+
 # --------------------------------------------------------------------------
 # Checkpoints with tree_serialise_leaves
 # --------------------------------------------------------------------------
