@@ -223,9 +223,11 @@ def test_arrays_left_out_by_a_filter_spec_are_not_counted_and_not_trained():
 
 def test_trainable_freezes_fields_that_still_get_gradients():
   model = ResidualNet(key=jax.random.key(0))
-  frozen = lambda name, leaf: not name.startswith("stem/")  # noqa: E731
-  tx = stac_optax.stac(params_of(model), 1e-2, trainable=frozen)
-  part = stac_optax.partition_modules(params_of(model), trainable=frozen)
+  def trainable(name, leaf):
+    return not name.startswith("stem/")
+
+  tx = stac_optax.stac(params_of(model), 1e-2, trainable=trainable)
+  part = stac_optax.partition_modules(params_of(model), trainable=trainable)
   assert part.frozen_parameter_names == ("stem/weight", "stem/bias")
   assert part.sign_module_names[0] == "blocks/0/fc1"
 
