@@ -130,3 +130,18 @@ def looks_like_linen_variables(tree: Any) -> bool:
       and isinstance(tree.get("params"), Mapping)
       and all(isinstance(v, Mapping) for v in tree.values())
   )
+
+
+def is_params_placeholder(obj: Any) -> bool:
+  """The stand-in for the params that ``optax.tree.map_params`` gives ``init``.
+
+  It is a pytree node with no leaves, so every ``jax.tree.map`` over it gives
+  another one; a transformation whose ``init`` only maps over the params then
+  puts it wherever a params-shaped tree goes in its state.
+  """
+  try:
+    from optax.tree_utils import _state_utils  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover - a private name that may move
+    return False
+  placeholder = getattr(_state_utils, "_ParamsPlaceholder", None)
+  return placeholder is not None and isinstance(obj, placeholder)

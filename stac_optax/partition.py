@@ -33,6 +33,7 @@ from stac_optax._tree import (  # noqa: F401  (the helpers' old home, still impo
     ROOT,
     Path,
     is_parameter_leaf,
+    is_params_placeholder,
     is_traced,
     leaves_with_names,
     path_name,
@@ -287,6 +288,8 @@ class STACPartition:
         whose shape is not the parameter's, or a trainable parameter missing
         from ``tree``.
     """
+    if is_params_placeholder(tree):
+      return tree  # optax.tree.map_params: the placeholder marks params-shaped trees
     names = leaves_with_names(tree)
     unknown = [name for name, _ in names if name not in self._label_of]
     if unknown:

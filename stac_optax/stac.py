@@ -315,6 +315,7 @@ def stac(
     module_order: Any | None = None,
     mu_dtype: Any | None = None,
     wrt: Any | None = None,
+    sign_update_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAC: a SignSGD trunk and an AdamW cap.
 
@@ -387,6 +388,11 @@ def stac(
     module_order: explicit registration order of the counted modules.
     mu_dtype: optional dtype of the cap's first moment.
     wrt: ``trainable`` under ``nnx.Optimizer``'s name for it.
+    sign_update_dtype: ``None`` (default): the trunk's updates have each
+      gradient's dtype, optax's convention (bfloat16 params, bfloat16
+      updates). ``jnp.float32``: the trunk steps of half-precision leaves are
+      carried in float32 and rounded once, when ``optax.apply_updates``
+      stores ``p + u``, as ``stac-optimizer`` rounds them in PyTorch.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -444,6 +450,7 @@ def stac(
     _check_bool(name, value)
   sign_state_dtype = _check_float_dtype("sign_state_dtype", sign_state_dtype)
   mu_dtype = _check_float_dtype("mu_dtype", mu_dtype)
+  sign_update_dtype = _check_float_dtype("sign_update_dtype", sign_update_dtype)
 
   partition = partition_lib.partition_modules(
       model_or_params,
@@ -471,6 +478,7 @@ def stac(
       weight_decay_mask=decay_mask,
       momentum=0.0 if sign_momentum is None else sign_momentum,
       state_dtype=sign_state_dtype,
+      update_dtype=sign_update_dtype,
   )
   cap = transforms.adamw_cap(
       learning_rate,

@@ -22,14 +22,18 @@ import jax.numpy as jnp
 import optax
 
 
-def _step_dtype(dtype) -> Any:
-  """Sign steps of half-precision leaves are carried in float32, so that the
-  step is rounded once, when ``optax.apply_updates`` stores ``p + u``."""
-  return jnp.promote_types(dtype, jnp.float32)
+def _step_dtype(dtype: Any, update_dtype: Any | None) -> Any:
+  """The dtype of a sign step for a leaf of ``dtype``: its own (optax's
+  convention), or at least ``update_dtype`` (``float32`` carries the steps of
+  half-precision leaves in float32, so that the step is rounded once, when
+  ``optax.apply_updates`` stores ``p + u``, as PyTorch rounds it)."""
+  return dtype if update_dtype is None else jnp.promote_types(dtype, update_dtype)
 
 
-def _sign(x: jax.Array) -> jax.Array:
-  return jnp.sign(x).astype(_step_dtype(x.dtype))
+def _sign(x: jax.Array, update_dtype: Any | None = None, like: Any | None = None) -> jax.Array:
+  """``sign(x)`` in the step dtype of ``like`` (default ``x``)."""
+  dtype = jnp.result_type(x if like is None else like)
+  return jnp.sign(x).astype(_step_dtype(dtype, update_dtype))
 
 
 class SignMomentumState(NamedTuple):
@@ -72,15 +76,17 @@ def _is_zero(name: str, value: Any) -> bool:
 def scale_by_sign_momentum(
     momentum: chex.Numeric = 0.0,
     state_dtype: Any | None = None,
+    update_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
   r"""Replaces each update by its sign, optionally the sign of a momentum EMA.
 
   With ``momentum == 0`` this is :func:`optax.scale_by_sign` (no state,
-  ``sign(0) = 0``), except that the signs of bfloat16 and float16 leaves are
-  returned in float32: the learning rate and the decay then multiply them in
-  float32, and the step is rounded once, when ``optax.apply_updates`` stores
-  ``p + u`` in the parameter's dtype. With ``0 < momentum < 1`` it keeps one
-  buffer per leaf,
+  ``sign(0) = 0``); the signs have each gradient's dtype. With
+  ``update_dtype=jnp.float32`` the signs of bfloat16 and float16 leaves are
+  returned in float32 instead: the learning rate and the decay then multiply
+  them in float32, and the step is rounded once, when
+  ``optax.apply_updates`` stores ``p + u`` in the parameter's dtype, as
+  PyTorch rounds it. With ``0 < momentum < 1`` it keeps one buffer per leaf,
 
   .. math::
     m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t, \qquad u_t = \mathrm{sign}(m_t),
@@ -102,6 +108,8 @@ def scale_by_sign_momentum(
   Args:
     momentum: EMA coefficient in ``[0, 1)``; ``0`` means plain sign.
     state_dtype: dtype of the momentum buffer, e.g. ``jnp.bfloat16``.
+    update_dtype: ``None`` (each gradient's dtype) or a dtype the signs are
+      promoted to, e.g. ``jnp.float32``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -132,7 +140,7 @@ def scale_by_sign_momentum(
   def update_fn(updates, state, params=None, *, skip_step=None, **extra_args):
     del params, extra_args
     if isinstance(state, optax.EmptyState):
-      return jax.tree.map(_sign, updates), state
+      return jax.tree.map(lambda g: _sign(g, update_dtype), updates), state
 
     def ema(g, m):
       dtype = m.dtype
@@ -150,7 +158,7 @@ def scale_by_sign_momentum(
       return (m + alpha * rounded(g)).astype(dtype)
 
     new_m = _kept(skip_step, jax.tree.map(ema, updates, state.momentum), state.momentum)
-    signs = jax.tree.map(lambda m, g: _sign(m).astype(_step_dtype(g.dtype)), new_m, updates)
+    signs = jax.tree.map(lambda m, g: _sign(m, update_dtype, like=g), new_m, updates)
     return signs, SignMomentumState(momentum=new_m)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -163,6 +171,7 @@ def sign_trunk(
     weight_decay_mask: Any | None = None,
     momentum: chex.Numeric = 0.0,
     state_dtype: Any | None = None,
+    update_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
   r"""The STAC trunk step: sign descent with decoupled weight decay.
 
@@ -174,7 +183,8 @@ def sign_trunk(
   ``momentum == 0`` there is no per-parameter state; with ``momentum > 0`` the
   sign is taken of an EMA of the gradients (:func:`scale_by_sign_momentum`).
 
-  It is ``optax.chain(scale_by_sign_momentum(momentum, state_dtype),
+  It is ``optax.chain(scale_by_sign_momentum(momentum, state_dtype,
+  update_dtype),
   optax.add_decayed_weights(weight_decay, weight_decay_mask),
   optax.scale_by_learning_rate(learning_rate))``; a schedule adds one scalar
   step counter. Every part honours the extra argument ``skip_step``.
@@ -186,6 +196,10 @@ def sign_trunk(
       :func:`optax.add_decayed_weights`; ``None`` decays every leaf.
     momentum: EMA coefficient before the sign, in ``[0, 1)``.
     state_dtype: dtype of the EMA buffer when ``momentum > 0``.
+    update_dtype: ``None``: updates in each gradient's dtype (optax's
+      convention); ``jnp.float32``: the steps of half-precision leaves are
+      carried in float32 and rounded once, when ``optax.apply_updates``
+      stores them (PyTorch's rounding).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -203,7 +217,7 @@ def sign_trunk(
     Array([ 0.85, -1.9 ,  2.95], dtype=float32)
   """
   return optax.chain(
-      scale_by_sign_momentum(momentum, state_dtype),
+      scale_by_sign_momentum(momentum, state_dtype, update_dtype),
       _honouring_skip(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
       _honouring_skip(optax.scale_by_learning_rate(learning_rate)),
   )

@@ -103,12 +103,30 @@ def test_integer_leaves_pass_through_untouched_when_frozen():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_trunk_step_is_rounded_once(dtype):
+def test_half_precision_updates_have_the_params_dtype_and_fit_a_cond_branch(dtype):
+  params = {f"m{i}": {"kernel": jnp.full((4, 4), 0.5, dtype), "bias": jnp.zeros(4, dtype)} for i in range(3)}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, -0.25, dtype), params)
+  for kwargs in ({}, {"sign_momentum": 0.9}, {"amsgrad": True}):
+    tx = stac_optax.stac(params, 1e-3, weight_decay=0.1, last_n_modules=1, **kwargs)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    # a branch that returns the params must have the updates' types (optax's contract)
+    chosen = jax.lax.cond(True, lambda u=updates: u, lambda: params)
+    chex.assert_trees_all_equal_dtypes(chosen, params)
+  f32 = stac_optax.stac(params, 1e-3, last_n_modules=1, sign_update_dtype=jnp.float32)
+  updates, _ = f32.update(grads, f32.init(params), params)
+  assert updates["m0"]["kernel"].dtype == jnp.float32  # the PyTorch rounding, asked for
+  with pytest.raises(ValueError, match="sign_update_dtype must be a floating dtype"):
+    stac_optax.stac(params, sign_update_dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_trunk_step_is_rounded_once_with_float32_steps(dtype):
   np_dtype = {jnp.bfloat16: ml_dtypes.bfloat16, jnp.float16: np.float16}[dtype]
   params = {f"m{i}": {"kernel": random_like({"k": jnp.zeros((8, 8))}, seed=i)["k"].astype(dtype)} for i in range(3)}
   grads = random_like(jax.tree.map(lambda x: x.astype(jnp.float32), params), seed=9)
   lr = 1e-3  # not representable in half precision: one rounding, at the store
-  tx = stac_optax.stac(params, lr, last_n_modules=1)
+  tx = stac_optax.stac(params, lr, last_n_modules=1, sign_update_dtype=jnp.float32)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   for name in ("m0", "m1"):
