@@ -385,6 +385,8 @@ def _discover_tree(tree: Any) -> tuple[Discovery, list[tuple[Path, list[Hashable
       visit(child, (*path, key))
 
   visit(tree, ())
+  if parameters and parameters[0][0] == ():  # a bare array as the whole params
+    node_paths.append(())  # is the root module's parameter, named ''
   return Discovery(node_paths, parameters, {}), levels
 
 

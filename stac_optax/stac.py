@@ -1,7 +1,5 @@
 """``stac(...)``: the sign trunk and the AdamW cap behind one optax transformation."""
 
-from __future__ import annotations
-
 import functools
 import math
 import numbers
@@ -311,7 +309,7 @@ def stac(
     amsgrad: bool = False,
     maximize: bool = False,
     error_if_nonfinite: bool = False,
-    sign_momentum: chex.Numeric = 0.0,
+    sign_momentum: chex.Numeric | None = None,
     sign_state_dtype: Any | None = None,
     trainable: Any | None = None,
     module_order: Any | None = None,
@@ -373,7 +371,10 @@ def stac(
       ``jax.errors.JaxRuntimeError`` carrying the same message (under
       ``jax.jit``, through a host callback) instead of skipping.
     sign_momentum: EMA coefficient before the trunk's sign, in ``[0, 1)``;
-      ``0`` (default) keeps the trunk state-free. ``0.9`` with
+      ``None`` (default) or ``0`` keeps the trunk state-free (``None`` is
+      also left alone by ``optax.inject_hyperparams``, which would trace a
+      number and so could not tell at ``jax.jit(tx.init)`` whether a buffer
+      exists). ``0.9`` with
       ``sign_lr_scale=0.75``, ``last_n_modules=1``,
       ``sign_weight_decay=weight_decay`` and both exemptions off is
       ``stac-optimizer`` 0.1.x.
@@ -428,10 +429,11 @@ def stac(
   ):
     if value is not None:
       _check_number(name, value, low=0.0, allowed=">= 0 (or None)")
-  _check_number(
-      "sign_momentum", sign_momentum, low=0.0, high=1.0, high_open=True,
-      allowed="in [0, 1)",
-  )
+  if sign_momentum is not None:
+    _check_number(
+        "sign_momentum", sign_momentum, low=0.0, high=1.0, high_open=True,
+        allowed="in [0, 1) (or None)",
+    )
   for name, value in (
       ("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay),
       ("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay),
@@ -467,7 +469,7 @@ def stac(
       _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate,
       weight_decay=sign_weight_decay,
       weight_decay_mask=decay_mask,
-      momentum=sign_momentum,
+      momentum=0.0 if sign_momentum is None else sign_momentum,
       state_dtype=sign_state_dtype,
   )
   cap = transforms.adamw_cap(

@@ -14,8 +14,6 @@ them in place in the same pass as the update, as for an unguarded step; a
 ``jnp.where`` on the returned state instead makes XLA copy the old moments.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import chex
@@ -64,7 +62,9 @@ def _is_zero(name: str, value: Any) -> bool:
     raise TypeError(
         f"{name} decides whether a momentum buffer exists and must be concrete "
         f"when the state is created, got a traced value. With "
-        f"optax.inject_hyperparams, list it in static_args=({name!r},)."
+        f"optax.inject_hyperparams, list it in static_args: "
+        f"static_args=('sign_momentum',) for stac_optax.stac, "
+        f"static_args=({name!r},) for this transformation."
     )
   return float(value) == 0.0
 
@@ -122,8 +122,9 @@ def scale_by_sign_momentum(
     if _is_zero("momentum", momentum):
       return optax.EmptyState()
     return SignMomentumState(
+        # zeros_like keeps each parameter's sharding (and layout) for its buffer
         momentum=jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p), state_dtype or jnp.result_type(p)),
+            lambda p: jnp.zeros_like(p, dtype=state_dtype or jnp.result_type(p)),
             params,
         )
     )

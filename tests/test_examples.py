@@ -71,3 +71,13 @@ def test_lora_finetuning_trains_only_the_adapters_with_a_fraction_of_adamws_stat
     assert run["last_loss"] < 0.5 * run["first_loss"], run
   assert stac["partition"].adamw_module_names == ("head/lora",)
   assert stac["state_bytes"] < 0.35 * adamw["state_bytes"]
+
+
+def test_equinox_training_trains_both_optimizers_with_a_two_module_cap():
+  out = _load("equinox_training").main(["--steps", "60"])
+  assert out["cap"] == ("norm", "head") and out["trainable_modules"] == 15
+  stac, adamw = out["runs"]
+  for run in out["runs"]:
+    assert run["val_loss"] < 0.2 * run["initial_val_loss"], run
+  assert stac["skipped_steps"] == 0
+  assert stac["state_mib"] < 0.05 * adamw["state_mib"]
