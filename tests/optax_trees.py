@@ -203,7 +203,6 @@ def model_rosenbrock(dtype=jnp.float32) -> Target:
 TARGETS = {
     "parabola": parabola,
     "rosenbrock": rosenbrock,
-    "matrix_parabola": matrix_parabola,
     "mixed_tensors": mixed_tensors,
     "model_parabola": model_parabola,
     "model_rosenbrock": model_rosenbrock,
