@@ -1,6 +1,7 @@
 """Paths, boxed parameter leaves and names: the tree helpers every module shares.
 
-A parameter is named by its ``/``-joined path (``blocks/5/fc2/kernel``); NNX
+A parameter is named by its ``/``-joined path (``blocks/5/fc2/kernel``; a
+``/`` or ``%`` inside a key is written ``%2F`` or ``%25``); NNX
 ``Variable`` objects and linen ``AxisMetadata`` boxes (``nn.Partitioned``) are
 single leaves whose value is unboxed where the number itself is needed.
 """
@@ -25,9 +26,20 @@ def key_str(key: Any) -> str:
   return str(key)
 
 
+def escape_key(key: str) -> str:
+  """One key as it appears in a name: ``%`` and ``/`` percent-encoded.
+
+  So names stay unambiguous for any key: ``{'a/b': ...}`` is ``a%2Fb``, while
+  ``{'a': {'b': ...}}`` is ``a/b``. Keys without either character (nearly
+  all) are unchanged.
+  """
+  return key.replace("%", "%25").replace("/", "%2F")
+
+
 def path_name(path: Sequence[Any]) -> str:
-  """Joins a path (plain keys or ``jax.tree_util`` key entries) with ``/``."""
-  return "/".join(key_str(k) for k in path)
+  """Joins a path (plain keys or ``jax.tree_util`` key entries) with ``/``,
+  each key escaped by :func:`escape_key`."""
+  return "/".join(escape_key(key_str(k)) for k in path)
 
 
 def module_name(path: Sequence[Any]) -> str:

@@ -311,3 +311,47 @@ def test_partition_is_hashable_and_frozen(params12):
   with pytest.raises(dataclasses.FrozenInstanceError):
     part.resolved_last_n_modules = 3  # type: ignore[misc]
   np.testing.assert_equal(len(part.sign_parameter_names) + len(part.adamw_parameter_names), 24)
+
+
+# -- optax's own kinds of trees ------------------------------------------------
+
+
+def test_a_bare_array_is_the_root_modules_parameter():
+  params = jnp.array([1.0, -2.0, 3.0])
+  part = stac_optax.partition_modules(params)
+  assert part.module_names == ("<root>",) and part.adamw_parameter_names == ("",)
+  tx = stac_optax.stac(params, 0.1, last_n_ratio=0.0)  # all sign
+  updates, _ = jax.jit(tx.update)(jnp.array([0.5, -0.5, 0.0]), tx.init(params), params)
+  chex.assert_trees_all_close(updates, jnp.array([-0.1, 0.1, 0.0]))
+
+
+def test_keys_with_slashes_get_names_that_cannot_collide():
+  params = {"a/b": {"w": jnp.ones(2)}, "a": {"b": {"w": jnp.ones(3)}}, "50%": {"w": jnp.ones(1)}}
+  part = stac_optax.partition_modules(params, last_n_modules=1)
+  assert part.module_names == ("a%2Fb", "a/b", "50%25")
+  assert part.sign_parameter_names == ("a%2Fb/w", "a/b/w")
+  tx = stac_optax.stac(params, 0.1, last_n_modules=1)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert updates["a/b"]["w"].shape == (2,) and updates["a"]["b"]["w"].shape == (3,)
+  np.testing.assert_allclose(updates["a"]["b"]["w"], -0.1)
+
+
+def test_inject_hyperparams_with_a_jitted_init_and_default_sign_momentum(params12):
+  tx = optax.inject_hyperparams(stac_optax.stac)(params12, learning_rate=0.1)
+  state = jax.jit(tx.init)(params12)
+  assert "sign_momentum" not in state.hyperparams  # None is not a number to trace
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params12), state, params12)
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1, rtol=1e-6)
+  momentum = optax.inject_hyperparams(stac_optax.stac)(params12, sign_momentum=0.9)
+  with pytest.raises(TypeError, match=r"static_args=\('sign_momentum',\) for stac_optax.stac"):
+    jax.jit(momentum.init)(params12)
+  fixed = optax.inject_hyperparams(stac_optax.stac, static_args=("sign_momentum",))(
+      params12, sign_momentum=0.9)
+  assert jax.jit(fixed.init)(params12) is not None
+
+
+def test_learning_rate_is_annotated_as_an_optax_schedule_at_run_time():
+  import inspect  # pylint: disable=import-outside-toplevel
+
+  for fn in (stac_optax.stac, stac_optax.sign_trunk, stac_optax.adamw_cap):
+    assert inspect.signature(fn).parameters["learning_rate"].annotation is optax.ScalarOrSchedule
