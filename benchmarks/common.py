@@ -46,6 +46,36 @@ def state_memory_net_forward(params, x):
   return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
+def transformer_params(n_blocks, d=32, ff=128, vocab=256, d_out=8, seed=0) -> dict:
+  """The params of a pre-norm transformer encoder: many small leaves.
+
+  An embedding, ``n_blocks`` blocks of 16 leaves each (LayerNorm scale and
+  bias, attention ``q``, ``k``, ``v``, ``o`` kernels and biases, a second
+  LayerNorm, two MLP kernels and biases), a final LayerNorm and a head:
+  ``16 * n_blocks + 5`` leaves, in creation order.
+  """
+  rng = np.random.default_rng(seed)
+
+  def linear(n_in, n_out):
+    return {"kernel": jnp.asarray(rng.standard_normal((n_in, n_out), np.float32) / np.sqrt(n_in)),
+            "bias": jnp.zeros((n_out,))}
+
+  def norm():
+    return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
+
+  params = {"embed": {"embedding": jnp.asarray(rng.standard_normal((vocab, d), np.float32))}}
+  for i in range(n_blocks):
+    params[f"block_{i}"] = {
+        "ln1": norm(),
+        "attn": {name: linear(d, d) for name in ("q", "k", "v", "o")},
+        "ln2": norm(),
+        "mlp": {"fc1": linear(d, ff), "fc2": linear(ff, d)},
+    }
+  params["final_norm"] = norm()
+  params["head"] = linear(d, d_out)
+  return params
+
+
 def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=False) -> dict[str, Callable]:
   """Name -> factory of each optimizer compared (built lazily: some are slow to build)."""
   part = stac_optax.partition_modules(model_or_params)

@@ -71,12 +71,43 @@ def speed(report):
   return "\n".join(lines)
 
 
+def compile_times(report):
+  env = report["environment"]
+  sizes = report["sizes"]
+  names = list(dict.fromkeys(n for s in sizes for n in s["optimizers"]))
+  tree = report["tree"]
+  lines = [f"{env['device_kind']} ({env['cpu_count']} CPUs seen), JAX {env['jax']}, optax {env['optax']}; "
+           f"transformer-shaped params (d={tree['d']}, MLP {tree['ff']}, {tree['leaves_per_block']} leaves "
+           f"a block); best of {report['compile_repeats']} compiles, median of {report['repeats']} steps.\n",
+           "Compile time, s (and against AdamW's at the same size); the last column is the log-log slope "
+           + (f"from {report['slope_from_leaves']:,} leaves on:\n" if report["slope_from_leaves"] else "over all sizes:\n"),
+           "| optimizer | " + " | ".join(f"{s['leaves']:,} leaves" for s in sizes) + " | slope |",
+           "| --- |" + " ---: |" * (len(sizes) + 1)]
+  for name in names:
+    cells = [f"{s['optimizers'][name]['compile_s']:.2f} ({s['optimizers'][name]['compile_vs_adamw']:.2f}x)"
+             if name in s["optimizers"] else "-" for s in sizes]
+    slope = report["compile_slope"].get(name)
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if slope is None else f'{slope:.2f}'} |")
+  lines += ["", "Steady step, median ms (and against AdamW's):\n",
+            "| optimizer | " + " | ".join(f"{s['leaves']:,} leaves" for s in sizes) + " |",
+            "| --- |" + " ---: |" * len(sizes)]
+  for name in names:
+    cells = [f"{s['optimizers'][name]['median_ms']:.2f} ({s['optimizers'][name]['step_vs_adamw']:.2f}x)"
+             if name in s["optimizers"] else "-" for s in sizes]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  skipped = {name: why for s in sizes for name, why in s.get("skipped", {}).items()}
+  for name, why in skipped.items():
+    lines.append(f"\n{name}: not run at the larger sizes, {why}.")
+  return "\n".join(lines)
+
+
 def main(paths):
   for path in paths:
     with open(path) as f:
       report = json.load(f)
     print(f"\n<!-- {path} -->\n")
-    print({"research": research, "memory": memory, "speed": speed}[report["benchmark"]](report))
+    tables = {"research": research, "memory": memory, "speed": speed, "compile": compile_times}
+    print(tables[report["benchmark"]](report))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """stac_optax: STAC (SignSGD Trunk, AdamW Cap) for Optax and Flax."""
 
 from stac_optax.checkpoint import validate_state
+from stac_optax.guard import NonFiniteGradientError, STACState, nonfinite_skipped_steps
 from stac_optax.order import ModuleOrderError, ModuleOrderWarning
 from stac_optax.partition import (
     ADAMW,
@@ -11,13 +12,7 @@ from stac_optax.partition import (
     partition_modules,
     resolve_adamw_cap_module_count,
 )
-from stac_optax.stac import (
-    NonFiniteGradientError,
-    STACState,
-    nonfinite_skipped_steps,
-    stac,
-    weight_decay_mask,
-)
+from stac_optax.stac import stac, weight_decay_mask
 from stac_optax.transforms import (
     SignMomentumState,
     adamw_cap,

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from benchmarks import common, memory, research, speed
+from benchmarks import compile as compile_benchmark
 
 
 def _finite(x):
@@ -49,6 +50,26 @@ def test_speed_quick_json(tmp_path):
   assert _finite(size["optimizers"]["STAC default"]["fraction_of_streaming"])
   assert set(size["torch"]) >= {"PyTorch STAC default", "PyTorch STAC foreach", "PyTorch AdamW"}
   assert _finite(report["train_step"]["ratio_stac_to_adamw"])
+
+
+def test_compile_quick_json(tmp_path):
+  out = tmp_path / "compile.json"
+  compile_benchmark.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "compile.png")])
+  report = json.loads(out.read_text())
+  assert report["benchmark"] == "compile" and report["environment"]["jax"]
+  names = {"AdamW baseline", "AdamW + apply_if_finite", "STAC default", "STAC 0.1.x momentum",
+           "STAC error_if_nonfinite", "STAC default, no guard", compile_benchmark.OLD_GUARD}
+  assert [s["blocks"] for s in report["sizes"]] == list(compile_benchmark.QUICK_BLOCKS)
+  for size in report["sizes"]:
+    assert size["leaves"] == 16 * size["blocks"] + 5 and size["parameters"] > 0
+    assert set(size["optimizers"]) | set(size["skipped"]) == names
+    for name, r in size["optimizers"].items():
+      assert all(_finite(r[k]) for k in ("lower_s", "compile_s", "first_call_ms", "median_ms", "min_ms",
+                                         "compile_vs_adamw", "step_vs_adamw")), name
+      assert isinstance(r["hlo_instructions"], int) and r["hlo_instructions"] > 0, name
+  assert set(report["compile_slope"]) == names
+  assert all(_finite(v) for v in report["compile_slope"].values())
+  assert (tmp_path / "compile.png").stat().st_size > 5_000
 
 
 @pytest.mark.parametrize("task,configs", [

@@ -1,0 +1,215 @@
+"""The non-finite guard of :func:`stac_optax.stac`: a step whose gradients
+hold NaN or Inf is skipped as a whole (or refused).
+
+One flag decides the step: whether every trainable gradient leaf is finite.
+It is computed as one reduction over a short vector with one entry per leaf,
+``isfinite(stack([sum(g - g) for g in leaves])).all()``, and every update,
+moment and counter of the step reads it.
+
+The form matters for compile time. XLA's algebraic simplifier rewrites a
+reduction whose operand is a concatenation (``jnp.all`` of stacked per-leaf
+flags, or ``jnp.sum`` of stacked sums) into a chain of scalar operations, one
+per leaf. The chain is cheap and elementwise, so XLA's fusion pass copies it
+into every fusion that reads the flag: with ``n`` leaves, ``n`` copies of an
+``n``-long chain, ``n**2`` instructions for the fusion pass and the code
+generator, and a compile time that grew faster than ``n**2``. With the
+elementwise ``isfinite`` between the stack and the reduction, the reduction
+stays one instruction, which XLA does not copy into its consumers: each of
+them reads the flag as one operand, and the compiled step grows linearly with
+the number of leaves (``tests/test_compile.py`` checks its instruction
+count; ``benchmarks/compile.py`` measures the time).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stac_optax import partition as partition_lib
+from stac_optax.partition import ADAMW, SIGN, STACPartition
+
+_SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
+
+
+class STACState(NamedTuple):
+  """State of :func:`stac_optax.stac`.
+
+  Attributes:
+    inner_state: the :class:`optax.PartitionState` of the trunk (``"sign"``),
+      the cap (``"adamw"``) and the frozen parameters (``"frozen"``).
+    nonfinite_skipped_steps: how many steps were skipped because a gradient
+      held a NaN or an Inf (int32 scalar).
+  """
+
+  inner_state: optax.OptState
+  nonfinite_skipped_steps: jax.Array
+
+
+class NonFiniteGradientError(RuntimeError):
+  """A gradient held NaN or Inf and ``error_if_nonfinite=True`` was set."""
+
+
+def _nonfinite_sum(x: jax.Array) -> jax.Array:
+  """``0`` if every element of ``x`` is finite, else NaN (a float32 scalar).
+
+  ``x - x`` is ``+0`` for a finite element and NaN for NaN or ±Inf, and a sum
+  of zeros and NaNs is NaN as soon as one term is, in any order: the sum is
+  NaN exactly when ``x`` is not finite, also when XLA splits it across
+  devices, and it cannot overflow. (A ``max`` of ``|x|`` need not propagate
+  NaN across devices; an and-reduction of ``isfinite`` costs XLA:CPU three
+  times more; ``x * 0`` makes XLA:CPU materialise a broadcast zero the size
+  of the largest leaf.)
+  """
+  total = jnp.sum(x - x)
+  if jnp.iscomplexobj(total):
+    total = total.real + total.imag
+  return total.astype(jnp.float32)
+
+
+def leaf_is_finite(leaves: Sequence[jax.Array]) -> jax.Array:
+  """Whether each leaf is finite: a bool vector with one entry per leaf.
+
+  ``jnp.all`` of it is the step's flag; see the module docstring for why
+  ``isfinite`` is taken of the stacked sums rather than of each sum.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from stac_optax import guard
+    >>> guard.leaf_is_finite([jnp.ones(3), jnp.array([1.0, jnp.inf]), jnp.zeros(())])
+    Array([ True, False,  True], dtype=bool)
+  """
+  if not leaves:
+    return jnp.ones([0], jnp.bool_)
+  return jnp.isfinite(jnp.stack([_nonfinite_sum(x) for x in leaves]))
+
+
+def _raise_nonfinite(section: str, name: str) -> None:
+  raise NonFiniteGradientError(
+      f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
+      f"first at {name!r}; no parameter or optimizer state was changed."
+  )
+
+
+def _raise_first_nonfinite(
+    ok: Any, *, sections: Sequence[tuple[str, Sequence[int], Sequence[str]]]
+) -> None:
+  """Raises for the first non-finite leaf of the first section that has one.
+
+  ``ok`` is the vector of :func:`leaf_is_finite` (on the host); ``sections``
+  holds each section's positions in it and its leaves' path names, the trunk
+  first, as the reference checks it. Called eagerly, and as the host
+  callback of a jitted step.
+  """
+  ok = np.asarray(ok)
+  for section, positions, names in sections:
+    bad = np.flatnonzero(~ok[list(positions)])
+    if bad.size:
+      _raise_nonfinite(section, names[int(bad[0])])
+
+
+def guard_nonfinite(
+    inner: optax.GradientTransformationExtraArgs,
+    partition: STACPartition,
+    *,
+    maximize: bool,
+    error_if_nonfinite: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """``inner`` behind the non-finite guard, negating the gradients for ``maximize``.
+
+  Only trainable leaves are checked (one read of each gradient). A skipped
+  step returns ``-0.0`` updates (``p + -0.0 == p`` bit for bit), selected with
+  ``jnp.where`` so that XLA fuses the choice into ``optax.apply_updates``, and
+  passes ``skip_step`` to the inner transformations, which all return their
+  old state then (see :mod:`stac_optax.transforms`). With
+  ``error_if_nonfinite`` a bad step raises :class:`NonFiniteGradientError`
+  instead: eagerly before anything is computed, under ``jax.jit`` from a host
+  callback that only runs on a bad step.
+
+  Args:
+    inner: the partitioned trunk, cap and frozen transformations; its
+      ``update`` takes the extra argument ``skip_step``.
+    partition: the partition whose labels say which leaves are trainable.
+    maximize: negate the gradients before ``inner`` sees them.
+    error_if_nonfinite: raise instead of skipping.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`STACState`.
+  """
+
+  def init_fn(params):
+    return STACState(
+        inner_state=inner.init(params),
+        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if "skip_step" in extra_args:
+      raise TypeError(
+          "stac's update decides skip_step itself, from the gradients; do not pass "
+          "skip_step to it (a step of non-finite gradients is skipped already)."
+      )
+    labels = jax.tree.leaves(partition.labels(updates))
+    named = partition_lib.leaves_with_names(updates)
+    checked, positions, names = [], {SIGN: [], ADAMW: []}, {SIGN: [], ADAMW: []}
+    for label, (name, leaf) in zip(labels, named, strict=True):
+      if label in positions:
+        positions[label].append(len(checked))
+        names[label].append(name)
+        checked.append(partition_lib._unbox(leaf))  # pylint: disable=protected-access
+    ok = leaf_is_finite(checked)
+    finite = jnp.all(ok)
+
+    if error_if_nonfinite:
+      report = functools.partial(
+          _raise_first_nonfinite,
+          sections=tuple((s, tuple(positions[s]), tuple(names[s])) for s in (SIGN, ADAMW)),
+      )
+      if partition_lib.is_traced(finite):
+        jax.lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, ok))
+      else:
+        report(ok)
+
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    new_updates, new_inner = inner.update(
+        updates, state.inner_state, params, skip_step=jnp.logical_not(finite), **extra_args
+    )
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, -0.0), new_updates)
+    skipped = state.nonfinite_skipped_steps + jnp.logical_not(finite).astype(jnp.int32)
+    return new_updates, STACState(inner_state=new_inner, nonfinite_skipped_steps=skipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
+  """How many steps a STAC state skipped for non-finite gradients.
+
+  Works on the state of :func:`stac_optax.stac` itself and on any state that
+  contains it (``optax.chain``, ``optax.MultiSteps``,
+  ``optax.inject_hyperparams``, ``nnx.Optimizer.opt_state``).
+
+  Raises:
+    ValueError: ``opt_state`` holds no STAC state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(3)}}
+    >>> tx = stac_optax.stac(params)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.full(3, jnp.nan)}},
+    ...                      state, params)
+    >>> stac_optax.nonfinite_skipped_steps(state)
+    1
+  """
+  found = optax.tree_utils.tree_get(opt_state, "nonfinite_skipped_steps")
+  if found is None:
+    raise ValueError("opt_state holds no STAC state (no 'nonfinite_skipped_steps').")
+  return int(partition_lib._unbox(found))  # pylint: disable=protected-access
