@@ -1,5 +1,10 @@
 """Shared fixtures and small models for the suite."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -55,3 +60,25 @@ class ResidualMLP(nnx.Module):
 @pytest.fixture
 def params12():
   return mlp_params()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script_on_simulated_devices(script: str, devices: int = 8) -> dict:
+  """Runs ``tests/scripts/<script>`` on ``devices`` simulated CPU devices and
+  returns the JSON of its ``REPORT`` line (in a subprocess: the device count
+  must be set before JAX starts, and the rest of the suite keeps one device)."""
+  env = {
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "scripts", script)],
+      env=env, capture_output=True, text=True, check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+  return json.loads(line[len("REPORT "):])

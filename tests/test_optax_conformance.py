@@ -17,9 +17,6 @@ built (to split it into trunk and cap), so each test builds it as
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +26,8 @@ import pytest
 
 import stac_optax
 from tests import optax_trees as trees
+from tests.conftest import run_script_on_simulated_devices
 from tests.optax_trees import CONFIGS, TARGETS, TREES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 config_ids = pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 
@@ -827,19 +823,7 @@ def test_sharding_on_eight_devices():
   tests/scripts/optax_sharding_check.py in a subprocess, since the 8
   simulated devices must be set before JAX starts.
   """
-  env = {
-      **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  }
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "scripts", "optax_sharding_check.py")],
-      env=env, capture_output=True, text=True, check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
-  report = json.loads(line[len("REPORT "):])
+  report = run_script_on_simulated_devices("optax_sharding_check.py")
   assert report["devices"] == 8
   assert set(report["cases"]) == {f"{mesh}/{c}" for mesh in ("explicit", "auto") for c in CONFIGS}
   problems = {case: r["problems"] for case, r in report["cases"].items() if r["problems"]}

@@ -3,10 +3,7 @@
 import dataclasses
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 import warnings
 
 import chex
@@ -21,10 +18,7 @@ from flax.training import train_state
 
 import stac_optax
 from stac_optax import checkpoint
-from tests.conftest import ResidualMLP, random_like
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.conftest import ResidualMLP, random_like, run_script_on_simulated_devices
 
 # -- models written the way Flax's own examples write them ---------------------
 
@@ -506,17 +500,7 @@ def test_checkpoint_manager_items_hold_the_partition(tmp_path):
 
 
 def test_sharded_init_recipe_keeps_the_creation_order_cap():
-  env = {
-      **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  }
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_init.py")],
-      check=True, env=env, capture_output=True, text=True,
-  ).stdout
-  report = json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[7:])
+  report = run_script_on_simulated_devices("sharded_init.py")
   assert report["devices"] == 8
   assert report["sharded_leaves"] >= 2, report
   assert report["attribute_order_after_jit"] == ["head", "mid", "stem"]  # NNX sorted it

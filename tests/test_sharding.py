@@ -3,26 +3,11 @@
 Runs in a subprocess so that the device count does not affect the rest of the suite.
 """
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_script_on_simulated_devices
 
 
 def test_sharded_runs_equal_the_single_device_run():
-  env = {
-      **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  }
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_check.py")],
-      check=True, env=env, capture_output=True, text=True,
-  ).stdout
-  data = json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[7:])
+  data = run_script_on_simulated_devices("sharded_check.py")
   for report in data["reports"]:
     assert report["devices"] == 8
     assert report["sharded_param_leaves"] >= 12, report  # the kernels really are split
