@@ -17,6 +17,7 @@ against the caller's, naming the first module that moved).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,6 +92,29 @@ def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) 
   return problems
 
 
+def _compare_params(part: STACPartition, params: Any) -> list[str]:
+  """Names and shapes of a params tree's trainable leaves against ``part``."""
+  got = _names_and_shapes(params)
+  owner_of = dict(part.parameter_aliases)
+  got = {owner_of.get(n, n): shape for n, shape in got.items()}
+  shapes = dict(part.parameter_shapes)
+  problems = []
+  for section, names in (("trunk", part.sign_parameter_names), ("cap", part.adamw_parameter_names)):
+    missing = [n for n in names if n not in got]
+    if missing:
+      problems.append(f"the params lack {section} parameter(s) {partition_lib._short_list(missing)}")  # pylint: disable=protected-access
+    reshaped = [
+        f"{section} parameter {n!r} has shape {got[n]} in the params, {shapes[n]} in the partition"
+        for n in names if n in got and n in shapes and got[n] != shapes[n]
+    ]
+    problems += reshaped[:4]
+  known = set(part.sign_parameter_names + part.adamw_parameter_names + part.frozen_parameter_names)
+  extra = sorted(set(got) - known)
+  if extra:
+    problems.append(f"the params hold parameters outside the partition: {partition_lib._short_list(extra)}")  # pylint: disable=protected-access
+  return problems
+
+
 def _moved_modules(part: STACPartition, cap_parameter_names: Sequence[str]) -> list[str]:
   """Names the modules whose section differs between a state's cap and ``part``."""
   module_of = {p: m.name for m in part.modules for p in m.parameter_names}
@@ -112,9 +136,15 @@ def validate_state(
     model_or_params_or_partition: Any,
     *,
     sign_momentum: float = 0.0,
+    params: Any | None = None,
     **partition_kwargs: Any,
 ) -> None:
   """Checks that a STAC optimizer state was made for this partition.
+
+  The state-free trunk keeps nothing in the state, so the state alone cannot
+  show a renamed or reshaped trunk parameter: give ``params`` (the params the
+  state goes with, e.g. as saved beside it) to have every trainable
+  parameter's name and shape, trunk included, checked against the partition.
 
   Args:
     opt_state: the state of :func:`stac_optax.stac` (also inside a chain or
@@ -123,6 +153,9 @@ def validate_state(
       :class:`~stac_optax.STACPartition` the state should belong to.
     sign_momentum: the trunk momentum the state was made with; ``0`` (the
       default) means the trunk must hold no per-parameter state.
+    params: optional params tree (arrays or ``jax.ShapeDtypeStruct``) the
+      state goes with; its trainable parameters' names and shapes are
+      checked too.
     **partition_kwargs: ``last_n_modules``, ``last_n_ratio``, ``trainable``,
       ... as given to :func:`stac_optax.stac`.
 
@@ -197,6 +230,8 @@ def validate_state(
     frozen = _names_and_shapes(_child(inner["frozen"], "inner_state", "frozen"))
     if frozen:
       problems.append(f"frozen parameters hold state: {sorted(frozen)}")
+  if params is not None:
+    problems += _compare_params(part, params)
   if problems:
     raise ValueError(
         f"the optimizer state does not fit this STAC partition ({part.summary}): "
@@ -290,6 +325,7 @@ def restore(
     model_or_params_or_partition: Any = None,
     *,
     state_key: str | Sequence[Any] = "opt_state",
+    params_key: str | Sequence[Any] | None = "params",
     checkpointer: Any | None = None,
     sign_momentum: float = 0.0,
     **partition_kwargs: Any,
@@ -300,6 +336,9 @@ def restore(
   ``state_key``) is checked with :func:`validate_state`, and it is then
   restored into ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays,
   e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
+
+  The params saved beside the state and those of ``abstract`` (at
+  ``params_key``) are checked as well, trunk included.
 
   A checkpoint written by :func:`save` / :func:`save_args` carries its
   partition: the state is checked against it, and a partition given here
@@ -316,6 +355,11 @@ def restore(
       checkpoint that carries its partition.
     state_key: key (or sequence of keys) of the optimizer state in the saved
       tree.
+    params_key: key (or keys) of the params in the saved tree and in
+      ``abstract``; where present, both are checked against the partition,
+      trunk parameters included (the optimizer state alone holds nothing for
+      the trunk). ``None``: not checked. A checkpoint without params there is
+      restored with a warning that the trunk could not be checked.
     checkpointer: an ``orbax.checkpoint`` checkpointer for a plain Orbax
       checkpoint; default ``StandardCheckpointer()``.
     sign_momentum: as for :func:`validate_state`.
@@ -364,9 +408,7 @@ def restore(
         )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as composite:
       saved = composite.restore(path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))[STATE_ITEM]
-      for key in keys:
-        saved = _child(saved, key, "the checkpoint")
-      validate_state(saved, saved_partition, sign_momentum=sign_momentum)
+      _check_saved(path, saved, abstract, keys, params_key, saved_partition, sign_momentum)
       return composite.restore(
           path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(template)})
       )[STATE_ITEM]
@@ -376,9 +418,49 @@ def restore(
         f"the checkpoint at {str(path)!r} holds no saved STAC partition; give "
         "the model, params or partition the state must fit."
     )
+  part = model_or_params_or_partition
+  if not isinstance(part, STACPartition) or partition_kwargs:
+    part = partition_lib.partition_modules(part, **partition_kwargs)
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   saved = checkpointer.restore(path)
-  for key in keys:
-    saved = _child(saved, key, "the checkpoint")
-  validate_state(saved, model_or_params_or_partition, sign_momentum=sign_momentum, **partition_kwargs)
+  _check_saved(path, saved, abstract, keys, params_key, part, sign_momentum)
   return checkpointer.restore(path, template)
+
+
+def _at(tree: Any, keys: Sequence[Any]) -> Any:
+  """The subtree at ``keys``, or ``None`` where there is none."""
+  for key in keys:
+    try:
+      tree = _child(tree, key, "")
+    except ValueError:
+      return None
+  return tree
+
+
+def _check_saved(path, saved, abstract, keys, params_key, part, sign_momentum) -> None:
+  """The saved state against ``part``; the saved and the template's params
+  (at ``params_key``) too, trunk included, where the trees have them."""
+  state = saved
+  for key in keys:
+    state = _child(state, key, "the checkpoint")
+  params_keys = [] if params_key is None else (
+      [params_key] if isinstance(params_key, str) else list(params_key))
+  saved_params = _at(saved, params_keys) if params_keys else None
+  validate_state(state, part, sign_momentum=sign_momentum, params=saved_params)
+  template_params = _at(abstract, params_keys) if params_keys else None
+  if template_params is not None:
+    problems = _compare_params(part, template_params)
+    if problems:
+      raise ValueError(
+          f"the template to restore into does not fit the checkpoint's STAC "
+          f"partition ({part.summary}): " + "; ".join(problems) + "."
+      )
+  if saved_params is None:
+    warnings.warn(
+        f"the checkpoint at {str(path)!r} holds no params at {params_key!r}: the "
+        "trunk's parameter names and shapes could not be checked (the state-free "
+        "trunk keeps nothing in the optimizer state); only the cap was. Save the "
+        "params beside the state, or pass params_key=.",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +101,34 @@ def test_resuming_in_a_fresh_process_is_exact(tmp_path):
   assert int(got["skipped"]) == 3  # steps 3, 8, 13 had a NaN
   assert not np.array_equal(np.load(split / "train.npz")["layer_0/kernel"], got["layer_0/kernel"])
   assert jnp.asarray(got["layer_11/kernel"]).dtype == jnp.float32
+
+
+def test_the_trunk_is_checked_through_the_params_saved_beside_the_state(tmp_path):
+  params = mlp_params(8)
+  part = stac_optax.partition_modules(params)  # cap: Dense_7; Dense_0 .. Dense_6 hold no state
+  tx = stac_optax.stac(part)
+  state = tx.init(params)
+  checkpoint.save(tmp_path / "c", {"params": params, "opt_state": state}, part)
+
+  renamed = {("layer_0" if k == "Dense_0" else k): v for k, v in params.items()}
+  with pytest.raises(ValueError, match=r"the params lack trunk parameter\(s\) 'Dense_0/kernel'"):
+    checkpoint.restore(tmp_path / "c", {"params": renamed, "opt_state": state})
+  reshaped = {**params, "Dense_3": {"kernel": jnp.ones((3, 4)), "bias": params["Dense_3"]["bias"]}}
+  with pytest.raises(ValueError, match=r"trunk parameter 'Dense_3/kernel' has shape \(3, 4\) in the params"):
+    checkpoint.restore(tmp_path / "c", {"params": reshaped, "opt_state": state})
+  # the state alone cannot see either: the trunk keeps nothing in it
+  stac_optax.validate_state(state, part)
+  with pytest.raises(ValueError, match=r"trunk parameter 'Dense_3/kernel' has shape \(3, 4\)"):
+    stac_optax.validate_state(state, part, params=reshaped)
+  restored = checkpoint.restore(tmp_path / "c", {"params": params, "opt_state": state})
+  chex.assert_trees_all_equal(restored["params"], params)
+
+
+def test_a_checkpoint_without_params_says_the_trunk_was_not_checked(tmp_path):
+  params = mlp_params(4)
+  tx = stac_optax.stac(params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "c", {"opt_state": tx.init(params)})
+  ckptr.wait_until_finished()
+  with pytest.warns(UserWarning, match="trunk's parameter names and shapes could not be checked"):
+    checkpoint.restore(tmp_path / "c", {"opt_state": tx.init(params)}, params)
