@@ -89,6 +89,36 @@ def leaf_is_finite(leaves: Sequence[jax.Array]) -> jax.Array:
   return jnp.isfinite(jnp.stack([_nonfinite_sum(x) for x in leaves]))
 
 
+def _is_sparse(x: Any) -> bool:
+  try:
+    from jax.experimental import sparse  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(x, sparse.JAXSparse)
+
+
+def _refuse_sparse(updates: Any) -> None:
+  """Refuses sparse gradients (``jax.experimental.sparse``), as PyTorch does.
+
+  A ``BCOO`` is a pytree of its data and indices, so it would reach the
+  labels as two unknown leaves; this check runs first, while tracing, so it
+  holds eagerly and under ``jax.jit`` alike.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=lambda x: _is_sparse(x) or partition_lib.is_parameter_leaf(x)
+  )
+  sparse_paths = [partition_lib.path_name(p) for p, leaf in flat if _is_sparse(leaf)]
+  if sparse_paths:
+    raise TypeError(
+        f"STAC takes dense gradients; the gradient at "
+        f"{partition_lib._short_list(sparse_paths)} is sparse "  # pylint: disable=protected-access
+        f"({type(next(leaf for _, leaf in flat if _is_sparse(leaf))).__name__}). "
+        "Densify it first: jax.tree.map(lambda g: g.todense() if isinstance(g, "
+        "sparse.JAXSparse) else g, grads, is_leaf=lambda g: isinstance(g, "
+        "sparse.JAXSparse)). (PyTorch's STAC refuses sparse gradients too.)"
+    )
+
+
 def _raise_nonfinite(section: str, name: str) -> None:
   raise NonFiniteGradientError(
       f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
@@ -155,6 +185,7 @@ def guard_nonfinite(
           "stac's update decides skip_step itself, from the gradients; do not pass "
           "skip_step to it (a step of non-finite gradients is skipped already)."
       )
+    _refuse_sparse(updates)
     labels = jax.tree.leaves(partition.labels(updates))
     named = partition_lib.leaves_with_names(updates)
     checked, positions, names = [], {SIGN: [], ADAMW: []}, {SIGN: [], ADAMW: []}

@@ -249,3 +249,18 @@ def test_error_mode_raises_at_the_first_bad_step_and_keeps_the_last_good_state()
   with pytest.raises(stac_optax.NonFiniteGradientError):
     tx.update(bad, state, params)
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, (params, state)), before)
+
+
+@pytest.mark.parametrize("where", ["emb", "head"], ids=["trunk", "cap"])
+def test_a_sparse_gradient_is_refused_naming_its_path_eager_and_jitted(where):
+  from jax.experimental import sparse  # pylint: disable=import-outside-toplevel
+
+  params = {"emb": {"embedding": jnp.ones((5, 3))}, "head": {"kernel": jnp.ones((5, 3))}}
+  tx = stac_optax.stac(params, last_n_modules=1)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  leaf = "embedding" if where == "emb" else "kernel"
+  grads[where][leaf] = sparse.BCOO.fromdense(jnp.eye(5, 3))
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(TypeError, match=rf"the gradient at '{where}/{leaf}' is sparse \(BCOO\).*todense"):
+      update(grads, state, params)
