@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,7 +43,7 @@ import optax
 
 from stac_optax import order as order_lib
 from stac_optax import partition as partition_lib
-from stac_optax.stac import STACState, nonfinite_skipped_steps, stac
+from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
 
 _NORM_TYPES = (
     "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -312,69 +314,444 @@ def trainable_from_torch(torch_module: Any, matches) -> Any:
   return lambda name, _: flags[name]
 
 
-def _state_dict_of(optimizer_or_state_dict: Any) -> tuple[dict, int]:
+_SECTION = {"sign": "trunk", "adamw": "cap"}
+# stac-optimizer 0.1.x kept a momentum buffer in the trunk; 0.3.0 drops it on
+# load, and so does from_torch.
+_LEGACY_TRUNK_KEY = "sign_momentum_buffer"
+_CAP_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_AMSGRAD_KEY = "max_exp_avg_sq"
+_MOMENT_FIELDS = {"exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"}
+# one value for both sections in stac_optax; per group in a torch state dict
+_SHARED_KEYS = (
+    "resolved_last_n_modules", "maximize", "error_if_nonfinite",
+    "exclude_bias_from_weight_decay", "exclude_1d_from_weight_decay",
+)
+_REQUIRED_KEYS = {
+    "sign": ("params", "param_names", "lr", "weight_decay", *_SHARED_KEYS),
+    "adamw": ("params", "param_names", "lr", "weight_decay", "betas", "eps", "amsgrad", *_SHARED_KEYS),
+}
+_INT32_MAX = 2**31 - 1
+
+
+def _state_dict_of(optimizer_or_state_dict: Any) -> tuple[Mapping, int, Any]:
+  """``(state_dict, skip counter, optimizer or None)``."""
   if hasattr(optimizer_or_state_dict, "state_dict"):
     return (
         optimizer_or_state_dict.state_dict(),
-        int(getattr(optimizer_or_state_dict, "nonfinite_skipped_steps", 0)),
+        getattr(optimizer_or_state_dict, "nonfinite_skipped_steps", 0),
+        optimizer_or_state_dict,
     )
   if isinstance(optimizer_or_state_dict, Mapping) and "param_groups" in optimizer_or_state_dict:
-    return dict(optimizer_or_state_dict), 0
+    return optimizer_or_state_dict, 0, None
   raise TypeError(
       "expected a stac_optimizer.STAC optimizer or its state_dict(), got "
       f"{type(optimizer_or_state_dict).__name__}."
   )
 
 
-def _groups_by_role(state_dict: Mapping[str, Any]) -> dict[str, dict]:
-  groups = {}
-  for group in state_dict["param_groups"]:
+def _real(value: Any) -> float | None:
+  """A Python, NumPy or 0-d tensor number as a float; ``None`` for anything else."""
+  if hasattr(value, "shape") and hasattr(value, "item") and tuple(value.shape) == ():
+    value = value.item()
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    return None
+  return float(value)
+
+
+def _count(what: str, value: Any) -> int:
+  """A step or skip counter: a whole number in ``[0, 2**31 - 1]``."""
+  x = _real(value)
+  if x is None or not math.isfinite(x) or x != int(x) or not 0 <= x <= _INT32_MAX:
+    raise ValueError(f"{what} must be a whole number in [0, 2**31 - 1], found {value!r}.")
+  return int(x)
+
+
+def _group_label(index: int, role: str) -> str:
+  return f"param group {index} ({role}, the {_SECTION[role]})"
+
+
+def _check_groups(state_dict: Any) -> dict[str, tuple[int, Mapping]]:
+  """Checks the layout, keys and hyper-parameters of a torch STAC state dict.
+
+  Returns:
+    ``{role: (group index, group)}``.
+  """
+  groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+  if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+    raise ValueError(
+        f"a STAC state dict holds a non-empty list 'param_groups'; found {groups!r}."
+    )
+  if not isinstance(state_dict.get("state"), Mapping):
+    raise ValueError(
+        "a STAC state dict holds a mapping 'state' (parameter index -> tensors); found "
+        f"{type(state_dict.get('state')).__name__}."
+    )
+  by_role: dict[str, tuple[int, Mapping]] = {}
+  for i, group in enumerate(groups):
+    if not isinstance(group, Mapping):
+      raise ValueError(f"param group {i} must be a mapping, found {type(group).__name__}.")
     if "stac_role" not in group:
       raise ValueError(
-          "the optimizer state is not a stac-optimizer STAC state (no 'stac_role' "
-          "in its param groups)."
+          f"the optimizer state is not a stac-optimizer STAC state: param group {i} "
+          "has no 'stac_role'."
       )
-    groups[group["stac_role"]] = group
-  return groups
+    role = group["stac_role"]
+    if role not in _SECTION:
+      raise ValueError(f"param group {i}: 'stac_role' must be 'sign' or 'adamw', found {role!r}.")
+    if role in by_role:
+      raise ValueError(f"param groups {by_role[role][0]} and {i} both have stac_role {role!r}.")
+    if "sign_momentum" in group:
+      raise ValueError(
+          "this is a stac-optimizer 0.1.x state (sign momentum); only 0.2+/0.3 "
+          "states convert."
+      )
+    missing = [k for k in _REQUIRED_KEYS[role] if k not in group]
+    if missing:
+      raise ValueError(
+          f"{_group_label(i, role)} lacks {missing}; stac-optimizer 0.3.0 saves them "
+          "and stac_optax needs them."
+      )
+    by_role[role] = (i, group)
+  hybrid = len(by_role) == 2
+  if hybrid and "sign_lr_scale" not in by_role["sign"][1]:
+    raise ValueError(f"{_group_label(by_role['sign'][0], 'sign')} lacks 'sign_lr_scale'.")
+
+  def number(where, group, key, ok, expected):
+    x = _real(group[key])
+    if x is None or not math.isfinite(x) or not ok(x):
+      raise ValueError(f"{where}: {key!r} must be {expected}, found {group[key]!r}.")
+    return x
+
+  for role, (i, group) in by_role.items():
+    where = _group_label(i, role)
+    number(where, group, "lr", lambda x: x >= 0, "a number >= 0")
+    number(where, group, "weight_decay", lambda x: x >= 0, "a number >= 0")
+    n = group["resolved_last_n_modules"]
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 0:
+      raise ValueError(f"{where}: 'resolved_last_n_modules' must be an integer >= 0, found {n!r}.")
+    flags = [k for k in _SHARED_KEYS if k != "resolved_last_n_modules"]
+    for key in flags + (["amsgrad"] if role == "adamw" else []):
+      if not isinstance(group[key], (bool, np.bool_)):
+        raise ValueError(f"{where}: {key!r} must be True or False, found {group[key]!r}.")
+    if role == "adamw":
+      betas = group["betas"]
+      ok = isinstance(betas, Sequence) and len(betas) == 2 and all(
+          (b := _real(x)) is not None and 0 <= b < 1 for x in betas
+      )
+      if not ok:
+        raise ValueError(f"{where}: 'betas' must be two numbers in [0, 1), found {betas!r}.")
+      number(where, group, "eps", lambda x: x >= 0, "a number >= 0")
+  if hybrid:
+    (i, sign), (j, cap) = by_role["sign"], by_role["adamw"]
+    for key in _SHARED_KEYS:
+      if sign[key] != cap[key]:
+        raise ValueError(
+            f"{key!r} is {sign[key]!r} in {_group_label(i, 'sign')} but {cap[key]!r} in "
+            f"{_group_label(j, 'adamw')}; stac_optax has one value for both sections."
+        )
+    scale = number(_group_label(i, "sign"), sign, "sign_lr_scale", lambda x: x > 0, "a number > 0")
+    sign_lr, lr = _real(sign["lr"]), _real(cap["lr"])
+    if not math.isclose(sign_lr, scale * lr, rel_tol=1e-6, abs_tol=0.0):
+      raise ValueError(
+          f"the trunk's lr ({sign_lr!r}, {_group_label(i, 'sign')}) is not sign_lr_scale "
+          f"times the cap's lr ({scale!r} * {lr!r} = {scale * lr!r}); stac_optax derives "
+          "the trunk's rate from the cap's, so it cannot continue this run (the groups' "
+          "rates were changed apart, by hand or by a scheduler)."
+      )
+  return by_role
+
+
+def _kwargs_of(by_role: Mapping[str, tuple[int, Mapping]]) -> dict[str, Any]:
+  sign = by_role["sign"][1] if "sign" in by_role else None
+  cap = by_role["adamw"][1] if "adamw" in by_role else None
+  main = cap if cap is not None else sign
+  b1, b2 = cap["betas"] if cap is not None else (0.9, 0.999)  # no cap: unused
+  kwargs = {
+      "learning_rate": _real(main["lr"]),
+      "last_n_modules": int(main["resolved_last_n_modules"]),
+      "sign_lr_scale": _real(sign["sign_lr_scale"]) if sign is not None and cap is not None else 1.0,
+      "b1": _real(b1),
+      "b2": _real(b2),
+      "eps": _real(cap["eps"]) if cap is not None else 1e-8,
+      "weight_decay": _real(main["weight_decay"]),
+      "exclude_bias_from_weight_decay": bool(main["exclude_bias_from_weight_decay"]),
+      "exclude_1d_from_weight_decay": bool(main["exclude_1d_from_weight_decay"]),
+      "amsgrad": bool(cap["amsgrad"]) if cap is not None else False,
+      "maximize": bool(main["maximize"]),
+      "error_if_nonfinite": bool(main["error_if_nonfinite"]),
+  }
+  if sign is not None:
+    kwargs["sign_weight_decay"] = _real(sign["weight_decay"])
+  if cap is not None:
+    kwargs["adamw_weight_decay"] = _real(cap["weight_decay"])
+  return kwargs
 
 
 def stac_kwargs_from_torch(optimizer_or_state_dict: Any) -> dict[str, Any]:
   """The :func:`stac_optax.stac` arguments equivalent to a torch ``STAC``'s.
 
   The cap size is given as ``last_n_modules`` (the resolved size), so the
-  arguments reproduce the split whatever ratio made it.
+  arguments reproduce the split whatever ratio made it. The AdamW arguments
+  (``b1``, ``b2``, ``eps``, ``amsgrad``) are the cap group's; without a cap
+  they are stac_optax's defaults, unused.
+
+  Raises:
+    ValueError: a missing key, a value out of range, or values stac_optax
+      cannot express (sections that disagree on ``maximize``, say, or a
+      trunk rate that is not ``sign_lr_scale`` times the cap's).
   """
-  state_dict, _ = _state_dict_of(optimizer_or_state_dict)
-  groups = _groups_by_role(state_dict)
-  any_group = next(iter(groups.values()))
-  if "sign_momentum" in any_group:
+  state_dict, _, _ = _state_dict_of(optimizer_or_state_dict)
+  return _kwargs_of(_check_groups(state_dict))
+
+
+def _torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+  """The module's counted modules, split the way stac-optimizer splits them:
+  ``{"sign": [(module, parameter names)], "adamw": [...]}``."""
+  seen, modules = set(), []
+  for module_name, module in torch_module.named_modules():
+    names = []
+    for name, param in module.named_parameters(recurse=False):
+      if not param.requires_grad or id(param) in seen:
+        continue
+      seen.add(id(param))
+      names.append(f"{module_name}.{name}" if module_name else name)
+    if names:
+      modules.append((module_name or partition_lib.ROOT, tuple(names)))
+  split = len(modules) - min(n_cap, len(modules))
+  return {"sign": modules[:split], "adamw": modules[split:]}
+
+
+class _Names:
+  """How messages name a parameter: its PyTorch name and Flax path."""
+
+  def __init__(self, matches):
+    self.flax = {m.torch_name: m.flax_name for m in matches}
+
+  def __call__(self, torch_name: str) -> str:
+    if torch_name in self.flax:
+      return f"{torch_name!r} (Flax {self.flax[torch_name]!r})"
+    return repr(torch_name)
+
+  def many(self, torch_names) -> str:
+    return "[" + ", ".join(self(n) for n in torch_names) + "]"
+
+
+def _check_names(by_role, torch_module: Any, names: _Names) -> None:
+  """The groups' ``param_names`` are the module's split, in order."""
+  params = dict(torch_module.named_parameters())
+  for role, (i, group) in by_role.items():
+    where = _group_label(i, role)
+    listed, indices = group["param_names"], group["params"]
+    for key, value in (("param_names", listed), ("params", indices)):
+      if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{where}: {key!r} must be a list, found {value!r}.")
+    if len(listed) != len(indices):
+      raise ValueError(
+          f"{where} lists {len(indices)} parameter indices under 'params' but "
+          f"{len(listed)} names under 'param_names'."
+      )
+    unknown = [n for n in listed if not isinstance(n, str) or n not in params]
+    if unknown:
+      raise ValueError(
+          f"{where} names parameters that torch_module does not have: {unknown}; the "
+          "state was saved from another model. torch_module's parameters: "
+          f"{list(params)}."
+      )
+    frozen = [n for n in listed if not params[n].requires_grad]
+    if frozen:
+      raise ValueError(
+          f"{where} holds {names.many(frozen)}, frozen in torch_module "
+          "(requires_grad=False); STAC trains no frozen parameter."
+      )
+    twice = sorted({n for n in listed if list(listed).count(n) > 1})
+    if twice:
+      raise ValueError(f"{where} lists {names.many(twice)} more than once.")
+
+  n_cap = int(next(iter(by_role.values()))[1]["resolved_last_n_modules"])
+  split = _torch_split(torch_module, n_cap)
+  count = len(split["sign"]) + len(split["adamw"])
+  if n_cap > count:
     raise ValueError(
-        "this is a stac-optimizer 0.1.x state (sign momentum); only 0.2+/0.3 "
-        "states convert."
+        f"the state dict's resolved_last_n_modules is {n_cap} but torch_module has "
+        f"{count} counted modules; the state was saved for another model."
     )
-  sign, cap = groups.get("sign"), groups.get("adamw")
-  hybrid = sign is not None and cap is not None
-  lr = cap["lr"] if cap is not None else sign["lr"]
-  b1, b2 = any_group["betas"]
-  kwargs = {
-      "learning_rate": float(lr),
-      "last_n_modules": int(any_group["resolved_last_n_modules"]),
-      "sign_lr_scale": float(any_group.get("sign_lr_scale", 1.0)) if hybrid else 1.0,
-      "b1": float(b1),
-      "b2": float(b2),
-      "eps": float(any_group["eps"]),
-      "weight_decay": float(any_group["weight_decay"]),
-      "exclude_bias_from_weight_decay": bool(any_group["exclude_bias_from_weight_decay"]),
-      "exclude_1d_from_weight_decay": bool(any_group["exclude_1d_from_weight_decay"]),
-      "amsgrad": bool(any_group["amsgrad"]),
-      "maximize": bool(any_group["maximize"]),
-      "error_if_nonfinite": bool(any_group["error_if_nonfinite"]),
-  }
-  if sign is not None:
-    kwargs["sign_weight_decay"] = float(sign["weight_decay"])
-  if cap is not None:
-    kwargs["adamw_weight_decay"] = float(cap["weight_decay"])
-  return kwargs
+  saved_roles = [role for role, _ in sorted(by_role.items(), key=lambda kv: kv[1][0])]
+  roles = [role for role in ("sign", "adamw") if split[role]]
+  if saved_roles != roles:
+    raise ValueError(
+        f"the state dict has the sections {saved_roles} but stac-optimizer splits "
+        f"torch_module into {roles} with last_n_modules={n_cap} ({count} counted "
+        "modules); the state was saved for another split."
+    )
+  for role in roles:
+    i, group = by_role[role]
+    want = tuple(n for _, ns in split[role] for n in ns)
+    got = tuple(group["param_names"])
+    if got != want:
+      missing = [n for n in want if n not in got]
+      extra = [n for n in got if n not in want]
+      detail = "; ".join(
+          [f"missing {names.many(missing)}"] * bool(missing)
+          + [f"not expected there {names.many(extra)}"] * bool(extra)
+      ) or f"the same parameters in another order: {list(got)} vs {list(want)}"
+      raise ValueError(
+          f"{_group_label(i, role)} does not hold the parameters stac-optimizer puts in "
+          f"the {_SECTION[role]} of torch_module with last_n_modules={n_cap}: {detail}."
+      )
+    modules = tuple(m for m, _ in split[role])
+    saved_modules = tuple(group.get("module_names", ()))
+    if saved_modules and saved_modules != modules:
+      raise ValueError(
+          f"{_group_label(i, role)} was saved for the modules {list(saved_modules)}; "
+          f"torch_module's {_SECTION[role]} is {list(modules)}."
+      )
+
+
+def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
+  """A group's ``decay_param_mask`` (what torch decays) is what stac_optax
+  decays under the exemption flags, where the group's decay is not zero."""
+  any_group = next(iter(by_role.values()))[1]
+  decays = dict(partition_lib.leaves_with_names(weight_decay_mask(
+      flax_params(target),
+      exclude_bias=bool(any_group["exclude_bias_from_weight_decay"]),
+      exclude_1d=bool(any_group["exclude_1d_from_weight_decay"]),
+  )))
+  flax_of = {m.torch_name: m.flax_name for m in matches}
+  for role, (i, group) in by_role.items():
+    listed = tuple(group["param_names"])
+    mask = tuple(group.get("decay_param_mask", ())) or (True,) * len(listed)  # torch's default
+    where = _group_label(i, role)
+    if len(mask) != len(listed) or not all(isinstance(f, (bool, np.bool_)) for f in mask):
+      raise ValueError(
+          f"{where}: 'decay_param_mask' must hold one True or False per parameter "
+          f"({len(listed)}), found {group.get('decay_param_mask')!r}."
+      )
+    if _real(group["weight_decay"]) == 0:
+      continue  # no decay: the mask changes nothing
+    for name, flag in zip(listed, mask, strict=True):
+      want = bool(decays[flax_of[name]])
+      if bool(flag) != want:
+        raise ValueError(
+            f"{where}: {names(name)} is {'decayed' if flag else 'exempt from decay'} in "
+            f"the state dict ('decay_param_mask'), but stac_optax "
+            f"{'decays' if want else 'exempts'} it (exclude_bias_from_weight_decay="
+            f"{any_group['exclude_bias_from_weight_decay']}, exclude_1d_from_weight_decay="
+            f"{any_group['exclude_1d_from_weight_decay']}, the Flax leaf's name and rank)."
+        )
+
+
+def _array_info(torch, value: Any) -> tuple[tuple[int, ...], bool] | None:
+  """``(shape, is floating)`` of a tensor or array; ``None`` for anything else."""
+  if isinstance(value, torch.Tensor):
+    return tuple(value.shape), value.is_floating_point()
+  if isinstance(value, np.ndarray):
+    return value.shape, bool(np.issubdtype(value.dtype, np.floating))
+  return None
+
+
+def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[dict[str, Mapping], int]:
+  """Per-parameter state: none in the trunk (but a legacy momentum buffer),
+  complete AdamW state of the right shapes in the cap, one step count.
+
+  Returns:
+    ``({torch name: state} of the cap, step)``; empty and 0 before the
+    first step.
+  """
+  torch = _torch()
+  by_name = {m.torch_name: m for m in matches}
+  state = state_dict["state"]
+  listed = {}
+  for role, (i, group) in by_role.items():
+    for index, name in zip(group["params"], group["param_names"], strict=True):
+      if index in listed:
+        raise ValueError(
+            f"parameter index {index!r} is listed twice: for {names(listed[index])} and "
+            f"for {names(name)} ({_group_label(i, role)})."
+        )
+      listed[index] = name
+  stray = [k for k in state if k not in listed]
+  if stray:
+    raise ValueError(
+        f"the state dict's 'state' has entries under the indices {stray}, which no "
+        "param group lists; the state was saved for another model or split."
+    )
+
+  amsgrad = "adamw" in by_role and bool(by_role["adamw"][1]["amsgrad"])
+  cap_states, steps = {}, {}
+  for role, (i, group) in by_role.items():
+    for index, name in zip(group["params"], group["param_names"], strict=True):
+      s = state.get(index)
+      if s is None:
+        continue
+      where = f"{names(name)} in {_group_label(i, role)}"
+      if not isinstance(s, Mapping):
+        raise ValueError(f"{where}: its state must be a mapping, found {type(s).__name__}.")
+      keys = set(s)
+      if role == "sign" and keys - {_LEGACY_TRUNK_KEY}:
+        raise ValueError(
+            f"{where} is in the trunk, which keeps no optimizer state, but the state "
+            f"dict holds {sorted(map(str, keys - {_LEGACY_TRUNK_KEY}))} for it; a "
+            "corrupted state, or one saved for another split."
+        )
+      if role == "adamw" and keys:
+        expected = set(_CAP_KEYS) | ({_AMSGRAD_KEY} if amsgrad else set())
+        if keys != expected:
+          missing, extra = sorted(expected - keys), sorted(map(str, keys - expected))
+          why = " (amsgrad is False)" if _AMSGRAD_KEY in extra else ""
+          raise ValueError(
+              f"{where}: AdamW state must hold {sorted(expected)}; "
+              + "; ".join([f"missing {missing}"] * bool(missing) + [f"unexpected {extra}{why}"] * bool(extra))
+              + "."
+          )
+        steps[name] = _count(f"{where}: 'step'", s["step"])
+        cap_states[name] = s
+      m = by_name[name]
+      for key in sorted(keys - {"step"}):
+        info = _array_info(torch, s[key])
+        if info is None or not info[1]:
+          raise ValueError(
+              f"{where}: state {key!r} must be a floating-point tensor, found "
+              f"{type(s[key]).__name__}" + (f" of dtype {s[key].dtype}" if info else "") + "."
+          )
+        shape = info[0]
+        converted = m.to_flax(np.empty(shape, np.float32)).shape if len(shape) == len(m.torch_shape) else None
+        if shape != m.torch_shape or converted != m.flax_shape:
+          raise ValueError(
+              f"{where}: state {key!r} has shape {shape}, but the parameter's shape is "
+              f"{m.torch_shape} in PyTorch ({m.flax_shape} in Flax, {m.layout} layout); "
+              "the state was saved for a model with other parameter shapes."
+          )
+  if cap_states:
+    cap_names = by_role["adamw"][1]["param_names"]
+    without = [n for n in cap_names if n not in cap_states]
+    if without:
+      raise ValueError(
+          f"only some cap parameters have AdamW state: {names.many(without)} have none, "
+          f"while {names.many(cap_states)} do. stac_optax keeps one step count for the "
+          "whole cap; PyTorch creates a parameter's state at its first step with a "
+          "gradient, so a parameter without one (.grad None) lags behind."
+      )
+    if len(set(steps.values())) > 1:
+      raise ValueError(
+          "the cap's parameters have different step counts: "
+          + ", ".join(f"{names(n)}: {s}" for n, s in steps.items())
+          + ". stac_optax keeps one step count for the whole cap; in PyTorch a "
+          "parameter whose .grad is None skips a step and its count lags behind."
+      )
+  return cap_states, next(iter(steps.values()), 0)
+
+
+def _check_optimizer_trains(optimizer: Any, torch_module: Any, names: _Names) -> None:
+  """The optimizer's parameters are ``torch_module``'s, not a copy's."""
+  params = dict(torch_module.named_parameters())
+  for i, group in enumerate(optimizer.param_groups):
+    for name, param in zip(group.get("param_names", ()), group["params"], strict=False):
+      if params.get(name) is not param:
+        raise ValueError(
+            f"the optimizer's param group {i} holds a tensor under the name {name!r} that "
+            f"is not torch_module's parameter {names(name)}: the STAC was built on "
+            "another module (or a copy). Pass the module it trains."
+        )
 
 
 def _cap_adam_state(opt_state: STACState):
@@ -389,20 +766,25 @@ def _with_cap_adam_state(opt_state: STACState, adam) -> STACState:
   return opt_state._replace(inner_state=partition_state._replace(inner_states=inner_states))
 
 
-def _check_same_split(torch_groups, partition, matches) -> None:
+def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
   owner = {m.torch_name: m.flax_name for m in matches}
   aliases = dict(partition.parameter_aliases)
-  for role, names in (
+  torch_of = {aliases.get(f, f): t for t, f in owner.items()}
+  for role, flax_names in (
       ("sign", partition.sign_parameter_names),
       ("adamw", partition.adamw_parameter_names),
   ):
     group = torch_groups.get(role)
-    torch_names = tuple(group["param_names"]) if group is not None else ()
-    mapped = tuple(aliases.get(owner[n], owner[n]) for n in torch_names)
-    if tuple(sorted(mapped)) != tuple(sorted(names)):
+    torch_names = tuple(group[1]["param_names"]) if group is not None else ()
+    mapped = {aliases.get(owner[n], owner[n]) for n in torch_names}
+    if mapped != set(flax_names):
+      only_torch = [torch_of[f] for f in sorted(mapped - set(flax_names))]
+      only_flax = [torch_of[f] for f in sorted(set(flax_names) - mapped)]
       raise ValueError(
-          f"the PyTorch and stac_optax partitions differ in the {role} section: "
-          f"PyTorch {sorted(mapped)} vs stac_optax {sorted(names)}."
+          f"the PyTorch and stac_optax partitions differ in the {role} section "
+          f"(the {_SECTION[role]}): in PyTorch only {names.many(only_torch)}, in "
+          f"stac_optax only {names.many(only_flax)}. PyTorch {sorted(mapped)} vs "
+          f"stac_optax {sorted(flax_names)}."
       )
 
 
@@ -416,12 +798,22 @@ def from_torch(
 ) -> tuple[optax.GradientTransformationExtraArgs, Any, STACState]:
   """Continues a PyTorch ``STAC`` run in JAX.
 
+  Everything is checked before anything is built, and nothing given is
+  changed; a refused state raises a ``ValueError`` naming the parameter
+  (PyTorch name and Flax path), what was expected and what was found. The
+  checks cover what ``stac_optimizer.STAC.load_state_dict`` checks (sections,
+  parameter names, state shapes, no state in the trunk) and more: the
+  hyper-parameters' keys and values, state shapes after the layout change,
+  complete AdamW state with one step count, the decay mask, the split
+  stac_optax finds for ``target``. A 0.1.x trunk momentum buffer
+  (``sign_momentum_buffer``) is dropped, as PyTorch drops it.
+
   Args:
     torch_module: the model the torch optimizer trains (its current weights
       are taken).
-    optimizer_or_state_dict: the ``stac_optimizer.STAC`` or its
-      ``state_dict()`` (then the skip counter starts from
-      ``nonfinite_skipped_steps`` or 0).
+    optimizer_or_state_dict: the ``stac_optimizer.STAC`` (built on
+      ``torch_module``) or its ``state_dict()`` (then the skip counter starts
+      from ``nonfinite_skipped_steps`` or 0).
     target: the matching Flax model (NNX module) or params tree.
     name_map: ``{torch_name: flax_path}`` where the rules do not match.
     nonfinite_skipped_steps: overrides the skip counter.
@@ -432,53 +824,49 @@ def from_torch(
     ``target``'s, and a state holding the cap's moments and step count.
 
   Raises:
-    ValueError: parameters that do not match, or a torch partition that is
-      not the one stac_optax finds for ``target``.
+    ValueError: parameters that do not match, a state that does not belong
+      to ``torch_module`` or that stac_optax cannot continue exactly, or a
+      torch partition that is not the one stac_optax finds for ``target``.
+    TypeError: ``optimizer_or_state_dict`` is neither.
   """
-  state_dict, skipped = _state_dict_of(optimizer_or_state_dict)
-  if nonfinite_skipped_steps is not None:
-    skipped = int(nonfinite_skipped_steps)
-  kwargs = stac_kwargs_from_torch(state_dict)
+  state_dict, skipped, optimizer = _state_dict_of(optimizer_or_state_dict)
+  skipped = _count(
+      "nonfinite_skipped_steps", skipped if nonfinite_skipped_steps is None else nonfinite_skipped_steps
+  )
   matches = match_parameters(torch_module, target, name_map=name_map)
+  names = _Names(matches)
+  if optimizer is not None:
+    _check_optimizer_trains(optimizer, torch_module, names)
+  groups = _check_groups(state_dict)
+  kwargs = _kwargs_of(groups)
+  _check_names(groups, torch_module, names)
+  _check_decay_masks(groups, matches, target, names)
+  cap_states, step = _check_param_states(state_dict, groups, matches, names)
   partition = partition_lib.partition_modules(
       target, last_n_modules=kwargs["last_n_modules"],
       trainable=trainable_from_torch(torch_module, matches),
   )
-  groups = _groups_by_role(state_dict)
-  _check_same_split(groups, partition, matches)
+  _check_same_split(groups, partition, matches, names)
 
   params = params_from_torch(torch_module, target, name_map=name_map)
   tx = stac(partition, **{k: v for k, v in kwargs.items() if k != "last_n_modules"})
   opt_state = tx.init(params)
 
-  cap = groups.get("adamw")
-  if cap is not None:
+  if "adamw" in groups:
     by_name = {m.torch_name: m for m in matches}
-    per_param = {
-        name: state_dict["state"].get(index, {})
-        for index, name in zip(cap["params"], cap["param_names"], strict=True)
-    }
-    steps = {float(s["step"]) for s in per_param.values() if "step" in s}
-    if len(steps) > 1:
-      raise ValueError(f"the cap's parameters have different step counts: {sorted(steps)}.")
-    step = int(steps.pop()) if steps else 0
+    cap_names = groups["adamw"][1]["param_names"]
     adam = _cap_adam_state(opt_state)
-
-    def moment(key):
-      values = {}
-      for name, s in per_param.items():
-        m = by_name[name]
-        values[m.flax_name] = (
-            m.to_flax(s[key]) if key in s else np.zeros(m.flax_shape, np.float32)
-        )
-      return values
-
-    fields = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
     replaced = {"count": jnp.asarray(step, jnp.int32)}
-    for field, key in fields.items():
+    for key, field in _MOMENT_FIELDS.items():
       if not hasattr(adam, field):
         continue
-      values = moment(key)
+      values = {
+          by_name[n].flax_name: (
+              by_name[n].to_flax(cap_states[n][key]) if n in cap_states
+              else np.zeros(by_name[n].flax_shape, np.float32)
+          )
+          for n in cap_names
+      }
       replaced[field] = jax.tree_util.tree_map_with_path(
           lambda path, leaf, values=values: jnp.asarray(
               values[partition_lib.path_name(path)], leaf.dtype
@@ -488,6 +876,60 @@ def from_torch(
     opt_state = _with_cap_adam_state(opt_state, adam._replace(**replaced))
   opt_state = opt_state._replace(nonfinite_skipped_steps=jnp.asarray(skipped, jnp.int32))
   return tx, params, opt_state
+
+
+def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
+  """The JAX state fits the torch optimizer: a state-free trunk, moments of
+  the cap's parameters with their shapes, AMSGrad as the optimizer has it.
+
+  Returns:
+    ``(the cap's AdamW state, {torch key: {flax path: moment}})``.
+  """
+  inner = getattr(opt_state.inner_state, "inner_states", None)
+  if not isinstance(inner, Mapping) or "adamw" not in inner or "sign" not in inner:
+    raise ValueError("opt_state is not the state of stac_optax.stac (no trunk and cap states).")
+  trunk_leaves = partition_lib.leaves_with_names(inner["sign"])
+  if trunk_leaves:
+    raise ValueError(
+        "the stac_optax trunk carries state (a sign_momentum buffer, "
+        f"{[n for n, _ in trunk_leaves][:8]}); stac-optimizer 0.3.0's trunk has none, "
+        "so PyTorch cannot continue this run."
+    )
+  adam = _cap_adam_state(opt_state)
+  if not hasattr(adam, "mu") or not hasattr(adam, "count"):
+    raise ValueError(f"the cap's state is not an AdamW state: {type(adam).__name__}.")
+  flat = {
+      key: dict(partition_lib.leaves_with_names(getattr(adam, field)))
+      for key, field in _MOMENT_FIELDS.items()
+      if hasattr(adam, field)
+  }
+  cap = by_role.get("adamw")
+  torch_cap = sorted(names.flax[n] for n in (cap[1]["param_names"] if cap else ()))
+  if torch_cap != sorted(flat["exp_avg"]):
+    raise ValueError(
+        "the stac_optax state and the PyTorch optimizer have different caps: "
+        f"state {sorted(flat['exp_avg'])} vs PyTorch {torch_cap}."
+    )
+  amsgrad = cap is not None and bool(cap[1]["amsgrad"])
+  if amsgrad != (_AMSGRAD_KEY in flat) and torch_cap:
+    raise ValueError(
+        f"the stac_optax state {'uses' if _AMSGRAD_KEY in flat else 'does not use'} AMSGrad "
+        f"but the PyTorch optimizer has amsgrad={amsgrad}."
+    )
+  by_name = {m.torch_name: m for m in matches}
+  cap_matches = [by_name[n] for n in (cap[1]["param_names"] if cap else ())]
+  for key, values in flat.items():
+    for m in cap_matches:
+      value = values[m.flax_name]
+      shape = tuple(np.shape(value))
+      if shape != m.flax_shape or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        raise ValueError(
+            f"{names(m.torch_name)}: the cap's {_MOMENT_FIELDS[key]!r} has shape {shape} "
+            f"and dtype {jnp.result_type(value)}; expected a floating array of the "
+            f"parameter's shape {m.flax_shape} (PyTorch {m.torch_shape})."
+        )
+  count = _count("the cap's step count (opt_state's count)", np.asarray(jax.device_get(adam.count)))
+  return count, flat
 
 
 def to_torch(
@@ -503,47 +945,60 @@ def to_torch(
   ``stac_optimizer.STAC`` built on ``torch_module`` with the same
   hyper-parameters), in place.
 
+  The split is the torch optimizer's (params after training are sorted
+  dicts: no order to read). Everything is checked before anything is
+  written, and a refused call changes neither the module nor the optimizer:
+  the optimizer must train ``torch_module`` itself, its param groups must
+  pass :func:`from_torch`'s checks, and the state's cap, moment shapes,
+  AMSGrad and step count must fit it.
+
   Raises:
-    ValueError: parameters that do not match, or partitions that differ.
+    ValueError: parameters that do not match, partitions that differ, a
+      state PyTorch cannot continue (a trunk momentum buffer), or moments of
+      other shapes.
+    TypeError: ``opt_state`` is not a :class:`STACState`.
   """
   torch = _torch()
   if not isinstance(opt_state, STACState):
     raise TypeError(f"opt_state must be a STACState, got {type(opt_state).__name__}.")
+  if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "load_state_dict"):
+    raise TypeError(f"optimizer must be a stac_optimizer.STAC, got {type(optimizer).__name__}.")
   matches = match_parameters(torch_module, params_or_model, name_map=name_map)
+  names = _Names(matches)
+  _check_optimizer_trains(optimizer, torch_module, names)
   state_dict = optimizer.state_dict()
-  groups = _groups_by_role(state_dict)
-  # The split is the torch optimizer's; the state must hold moments for
-  # exactly its cap (params after training are sorted dicts: no order to read).
-  adam = _cap_adam_state(opt_state)
-  fields = {"exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"}
-  flat = {
-      key: dict(partition_lib.leaves_with_names(getattr(adam, field)))
-      for key, field in fields.items()
-      if hasattr(adam, field)
-  }
-  by_name = {m.torch_name: m for m in matches}
-  cap = groups.get("adamw")
-  torch_cap = sorted(by_name[n].flax_name for n in (cap["param_names"] if cap else ()))
-  if torch_cap != sorted(flat["exp_avg"]):
-    raise ValueError(
-        "the stac_optax state and the PyTorch optimizer have different caps: "
-        f"state {sorted(flat['exp_avg'])} vs PyTorch {torch_cap}."
-    )
-  if "max_exp_avg_sq" in flat and not any(g.get("amsgrad") for g in groups.values()):
-    raise ValueError("the stac_optax state uses AMSGrad but the PyTorch optimizer does not.")
-  params_to_torch(params_or_model, torch_module, name_map=name_map)
+  groups = _check_groups(state_dict)
+  _check_names(groups, torch_module, names)
+  count, flat = _check_opt_state(opt_state, groups, matches, names)
+  skipped = _count("nonfinite_skipped_steps", np.asarray(jax.device_get(nonfinite_skipped_steps(opt_state))))
 
+  # build everything, then write: the state first (torch checks it before
+  # changing anything), then the weights
+  by_name = {m.torch_name: m for m in matches}
+  values = tree_to_torch(
+      flax_params(params_or_model), torch_module, name_map=name_map, target=params_or_model
+  )
+  weights = {n: torch.from_numpy(np.array(v, copy=True)) for n, v in values.items()}
   new_state = {}
-  if cap is not None and int(adam.count) > 0:
-    for index, name in zip(cap["params"], cap["param_names"], strict=True):
+  cap = groups.get("adamw")
+  if cap is not None and count > 0:
+    for index, name in zip(cap[1]["params"], cap[1]["param_names"], strict=True):
       m = by_name[name]
-      entry = {"step": torch.tensor(float(int(adam.count)))}
-      for key, values in flat.items():
-        entry[key] = torch.from_numpy(np.array(m.to_torch(values[m.flax_name]), copy=True))
+      entry = {"step": torch.tensor(float(count))}
+      for key, moments in flat.items():
+        entry[key] = torch.from_numpy(np.array(m.to_torch(moments[m.flax_name]), copy=True))
       new_state[index] = entry
-  state_dict["state"] = new_state
-  optimizer.load_state_dict(state_dict)
-  optimizer.nonfinite_skipped_steps = nonfinite_skipped_steps(opt_state)
+  new_state_dict = {**state_dict, "state": new_state}
+  previous = copy.deepcopy(optimizer.state_dict())
+  optimizer.load_state_dict(new_state_dict)
+  try:
+    with torch.no_grad():
+      for name, param in torch_module.named_parameters():
+        param.copy_(weights[name].to(param.dtype))
+  except BaseException:
+    optimizer.load_state_dict(previous)
+    raise
+  optimizer.nonfinite_skipped_steps = skipped
 
 
 # --------------------------------------------------------------------------
