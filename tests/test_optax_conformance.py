@@ -571,16 +571,17 @@ def test_multi_steps(config_name):
   )
   ref = optax.MultiSteps(trees.reference(params, 1e-2, config), k)
   state, ref_state = ms.init(params), ref.init(params)
+  ms_update, ref_update = jax.jit(ms.update), jax.jit(ref.update)  # one compile each
   p, p_ref = params, params
   for i in range(2 * k):
     grads = jax.tree.map(lambda x, i=i: x * (i + 1.0) - 0.1, trees.square_grads(p))
     if i == 1:
       nan = jax.tree.map(lambda g: g * jnp.nan, grads)
-      updates, state = ms.update(nan, state, p)
+      updates, state = ms_update(nan, state, p)
       assert int(state.mini_step) == 1  # not counted
       chex_close(optax.apply_updates(p, updates), p, rtol=0)
-    updates, state = ms.update(grads, state, p)
-    ref_updates, ref_state = ref.update(grads, ref_state, p_ref)
+    updates, state = ms_update(grads, state, p)
+    ref_updates, ref_state = ref_update(grads, ref_state, p_ref)
     new_p = optax.apply_updates(p, updates)
     if i % k < k - 1:
       chex_close(new_p, p, rtol=0)
@@ -601,12 +602,13 @@ def test_multi_steps_mixed_precision(param_dtype):
   params = trees.cast(trees.model_tree(n_layers=2), jnp.dtype(param_dtype))
   tx = stac_optax.stac(params, 1e-2)
   ms = optax.MultiSteps(tx, 2)
+  tx_update, ms_update = jax.jit(tx.update), jax.jit(ms.update)
   for upd_dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
     grads = trees.cast(trees.square_grads(params), upd_dtype)
     state, ms_state = tx.init(params), ms.init(params)
     for _ in range(3):
-      updates, state = tx.update(grads, state, params)
-      ms_updates, ms_state = ms.update(grads, ms_state, params)
+      updates, state = tx_update(grads, state, params)
+      ms_updates, ms_state = ms_update(grads, ms_state, params)
       assert _dtypes(ms_updates) == _dtypes(updates)
       assert _dtypes(optax.apply_updates(params, ms_updates)) == _dtypes(params)
 
