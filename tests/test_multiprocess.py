@@ -112,6 +112,7 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     assert (r["process_index"], r["process_count"], r["devices"], r["local_devices"]) == (i, 2, 4, 2), r
     # every parameter is split across the two processes: neither holds all of one
     assert r["param_leaves_spanning_processes"] == r["param_leaves"] == 20, r
+    assert r["state_leaves_spanning_processes"] == 8, r  # mu and nu of the cap: layer_7, head
   assert (single["process_count"], single["devices"]) == (1, 4)
 
   # (a) the two processes hold the same params and optimizer state, bit for bit

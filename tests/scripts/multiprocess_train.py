@@ -26,17 +26,14 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import stac_optax  # noqa: E402
+import stac_optax
 
 STEPS = 8
 NAN_IN_DATA = 2
@@ -45,12 +42,12 @@ BATCH, D_IN, WIDTH, D_OUT, LAYERS = 16, 8, 16, 4, 8
 
 
 def init_params():
-  """A residual MLP as a plain dict in creation order: stem, layer_0..7, head."""
-  keys = iter(jax.random.split(jax.random.key(0), LAYERS + 2))
+  """A residual MLP as a plain dict in creation order: stem, layer_0..7, head (numpy)."""
+  rng = np.random.default_rng(0)
 
   def dense(n_in, n_out):
-    return {"kernel": jax.random.normal(next(keys), (n_in, n_out)) / np.sqrt(n_in),
-            "bias": jnp.full((n_out,), 0.01)}
+    return {"kernel": (rng.standard_normal((n_in, n_out), np.float32) / np.float32(np.sqrt(n_in))),
+            "bias": np.full((n_out,), 0.01, np.float32)}
 
   params = {"stem": dense(D_IN, WIDTH)}
   for i in range(LAYERS):
@@ -103,6 +100,9 @@ def main():
     name = "single"
   else:
     process_id, num_processes, port = int(mode), int(sys.argv[3]), int(sys.argv[4])
+    # CPU collectives between processes (gloo is this jax's default; named
+    # here, before initialize, so the test does not depend on the default)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}", num_processes=num_processes,
         process_id=process_id, initialization_timeout=60,
@@ -116,19 +116,24 @@ def main():
   part = stac_optax.partition_modules(params0)  # before any tree operation sorts the dicts
   tx = stac_optax.stac(part, 3e-2, weight_decay=1e-2)
 
-  param_shardings = jax.tree.map(
-      lambda x: NamedSharding(mesh, P("fsdp") if x.shape[0] % n == 0 else P()), params0)
+  def fsdp(x):  # split along the first axis where it divides; scalars replicated
+    return NamedSharding(mesh, P("fsdp") if x.ndim and x.shape[0] % n == 0 else P())
+
+  param_shardings = jax.tree.map(fsdp, params0)
+  # The moments get their parameters' shardings (the same rule), given
+  # explicitly: jax.jit(tx.init)(params) alone puts the state on one device.
+  state_shardings = jax.tree.map(fsdp, jax.eval_shape(tx.init, params0))
   batch_sharding = NamedSharding(mesh, P("fsdp"))
 
   def to_global(array, sharding):
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-  params = jax.tree.map(lambda x, s: to_global(np.asarray(x), s), params0, param_shardings)
-  opt_state = jax.jit(tx.init)(params)
+  params = jax.tree.map(to_global, params0, param_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
 
   # The poison: zero except one element of the last kernel row, which only
   # the last process holds.
-  poison_np = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params0)
+  poison_np = jax.tree.map(np.zeros_like, params0)
   poison_np["layer_3"]["kernel"][-1, 0] = np.nan
   zeros = jax.tree.map(to_global, jax.tree.map(np.zeros_like, poison_np), param_shardings)
   poison = jax.tree.map(to_global, poison_np, param_shardings)
@@ -180,6 +185,8 @@ def main():
       # arrays split across processes: no process holds all of them
       "param_leaves_spanning_processes": sum(not x.is_fully_addressable for x in leaves),
       "param_leaves": len(leaves),
+      "state_leaves_spanning_processes": sum(x.ndim > 0 and not x.is_fully_addressable
+                                             for x in jax.tree.leaves(opt_state)),
       "local_poison_nan": local_poison_nan,
       "params_digest": digest(named_params),
       "opt_state_digest": digest(named_state),
