@@ -2,11 +2,18 @@
 
 ``tests/scripts/crash_resume.py`` trains 10 steps with an Orbax
 ``CheckpointManager`` saving every 3 steps (``checkpoint.save_args``) and
-restores with ``checkpoint.load_partition`` / ``checkpoint.restore``. It is
-killed once between saves (after step 7) and once while the save of step 9
-is being written; each time a fresh process resumes from step 6 and finishes.
-The result must equal a run that was never killed, bit for bit. The three
-first runs go at once, then the two resumes.
+restores with ``checkpoint.load_partition`` / ``checkpoint.restore``. One
+run is killed twice, each time at a point the test checks on disk first:
+
+1. run A, after step 4, between saves (checkpoint 3 complete, none in flight);
+2. run B resumes from 3, saves 6, and is killed while the save of step 9 is
+   being written (its temporary directory exists, ``9`` does not);
+3. run C resumes from 6, which ``latest_step()`` finds past the unfinished 9,
+   and finishes.
+
+Beside them a run that is never killed goes at the same time as run A. Every
+restored state (at 3 and at 6) and the end of run C must equal it, bit for
+bit: params, optimizer state and skip counter.
 """
 
 import json
@@ -22,7 +29,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "crash_resume.py")
-TIMEOUT_S = 120  # each phase; the whole test takes 20-40 s on a busy 2-core machine
+TIMEOUT_S = 120  # each wait
 
 pytestmark = pytest.mark.skipif(
     not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL) to stop and kill the run"
@@ -99,32 +106,35 @@ def listing(directory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("crash")
+  crashed = base / "crashed"
   started = []
+  out = {"base": base}
   try:
-    straight = Run("straight", base / "straight")
-    between = Run("between", base / "between", "--stop-after-step", "7")
-    during = Run("during", base / "during", "--stop-in-save", "9")
-    started += [straight, between, during]
-    seen = {}
-    for run in (between, during):
+    straight = Run("straight", base / "straight", "--dump-saves")
+    run_a = Run("run_a", crashed, "--stop-after-step", "4")
+    started += [straight, run_a]
+    for flags in (None, ("--stop-in-save", "9")):
+      run = run_a if flags is None else Run("run_b", crashed, *flags)
+      started.append(run)
       run.wait_stopped()
-      seen[run.name] = {"stopped": listing(run.directory)}  # what is on disk at the kill
-      seen[run.name]["exit"] = run.sigkill()
-      seen[run.name]["killed"] = listing(run.directory)
-    resumed = {run.name: Run(run.name + "_resumed", run.directory) for run in (between, during)}
-    started += list(resumed.values())
-    out = {"base": base, "straight": straight.finish()}
-    for name, run in resumed.items():
-      out[name] = {**seen[name], "reports": run.finish(), "final_listing": listing(run.directory)}
+      seen = {"stopped": listing(crashed)}  # what is on disk when it is killed
+      seen["exit"] = run.sigkill()
+      seen["killed"] = listing(crashed)
+      seen["reports"] = [json.loads(x[len("REPORT "):]) for x in run.stdout if x.startswith("REPORT ")]
+      out[run.name] = seen
+    run_c = Run("run_c", crashed)
+    started.append(run_c)
+    out["run_c"] = {"reports": run_c.finish(), "final_listing": listing(crashed)}
+    out["straight"] = straight.finish()
     return out
   finally:
     for run in started:
       run.kill_if_running()
 
 
-def assert_same_as_straight(runs, name):
-  want = np.load(runs["base"] / "straight" / "final.npz")
-  got = np.load(runs["base"] / name / "final.npz")
+def assert_same(runs, got, want):
+  want = np.load(runs["base"] / "straight" / want)
+  got = np.load(runs["base"] / "crashed" / got)
   assert sorted(got.files) == sorted(want.files)
   assert any("/mu/" in k for k in want.files) and "opt_state/nonfinite_skipped_steps" in want.files
   for key in want.files:
@@ -138,31 +148,37 @@ def test_the_straight_run_skipped_its_nan_steps(runs):
   assert end == {"done": 10, "skipped": 2}
 
 
-def test_killed_between_saves_resumes_exactly(runs):
-  r = runs["between"]
-  assert r["stopped"] == r["killed"] == ["3", "6"]  # nothing in flight when it died
-  assert r["exit"] == -signal.SIGKILL
-  start, end = r["reports"]
-  assert start["start"] == 6 and start["all_steps"] == [3, 6]
+def test_killed_between_saves(runs):
+  a = runs["run_a"]
+  assert a["reports"][0]["start"] == 0
+  assert a["stopped"] == a["killed"] == ["3"]  # nothing in flight when it died
+  assert a["exit"] == -signal.SIGKILL
+
+
+def test_resumed_after_a_kill_between_saves(runs):
+  start = runs["run_b"]["reports"][0]
+  assert start["start"] == 3 and start["all_steps"] == [3]
   assert start["skipped_at_start"] == 1  # the NaN of step 1 is in the checkpoint
-  assert end == {"done": 10, "skipped": 2}
-  assert r["final_listing"] == ["6", "9"]  # max_to_keep=2
-  assert_same_as_straight(runs, "between")
+  assert_same(runs, "start_3.npz", "at_3.npz")
 
 
-def test_killed_during_a_save_resumes_from_the_one_before(runs):
-  r = runs["during"]
+def test_killed_during_a_save(runs):
+  b = runs["run_b"]
   # the save of step 9 had begun (its temporary directory existed) and not
   # been committed (no directory 9) when the process stopped and was killed
-  incomplete = [n for n in r["stopped"] if n.startswith("9.") and "tmp" in n]
-  assert incomplete and "9" not in r["stopped"], r["stopped"]
-  assert r["killed"] == r["stopped"]
-  assert r["exit"] == -signal.SIGKILL
-  start, end = r["reports"]
-  assert incomplete[0] in start["listing"]  # the resumed run saw it ...
-  assert start["start"] == 6 and start["all_steps"] == [3, 6]  # ... and latest_step() ignored it
-  assert start["skipped_at_start"] == 1
-  assert end == {"done": 10, "skipped": 2}
-  assert r["final_listing"] == ["6", "9"]  # it saved step 9 itself, over the remains
-  assert_same_as_straight(runs, "during")
+  incomplete = [n for n in b["stopped"] if n.startswith("9.") and "tmp" in n]
+  assert incomplete and "9" not in b["stopped"], b["stopped"]
+  assert b["stopped"] == b["killed"] == ["3", "6", incomplete[0]]
+  assert b["exit"] == -signal.SIGKILL
 
+
+def test_resumed_after_a_kill_during_a_save(runs):
+  incomplete = [n for n in runs["run_b"]["killed"] if "tmp" in n]
+  start, end = runs["run_c"]["reports"]
+  assert incomplete[0] in start["listing"]  # the resumed run saw the unfinished save ...
+  assert start["start"] == 6 and start["all_steps"] == [3, 6]  # ... and latest_step() passed it by
+  assert start["skipped_at_start"] == 1
+  assert_same(runs, "start_6.npz", "at_6.npz")  # checkpoint 6 was written by a resumed run
+  assert end == {"done": 10, "skipped": 2}
+  assert runs["run_c"]["final_listing"] == ["6", "9"]  # it saved 9 over the remains; max_to_keep=2
+  assert_same(runs, "final.npz", "final.npz")

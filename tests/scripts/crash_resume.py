@@ -1,12 +1,14 @@
 """Run by tests/test_resume_after_crash.py: a training loop that can be killed.
 
-    python crash_resume.py DIR [--stop-after-step T | --stop-in-save S]
+    python crash_resume.py DIR [--stop-after-step T | --stop-in-save S | --dump-saves]
 
 Trains ``STEPS`` STAC steps, saving to ``DIR/ckpt`` with an Orbax
 ``CheckpointManager`` (asynchronous, the default) every ``EVERY`` steps; the
 checkpoint of step ``s`` holds the run after ``s`` steps. It starts from the
-latest complete checkpoint there if there is one, and writes the final params,
-optimizer state and skip counter to ``DIR/final.npz``.
+latest complete checkpoint there if there is one (then writing what it
+restored to ``DIR/start_<step>.npz``), and writes the final params, optimizer
+state and skip counter to ``DIR/final.npz``. With ``--dump-saves`` it also
+writes what it saves to ``DIR/at_<step>.npz``.
 
 The batch of step ``t`` is a function of ``t`` only, so a resumed run sees the
 same data as one that never stopped; the batches of steps ``NAN_STEPS`` hold a
@@ -86,6 +88,12 @@ def make_tx(part):
   return stac_optax.stac(part, 1e-2, weight_decay=1e-2)
 
 
+def dump(path, params, opt_state):
+  named = {f"params/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(params)}
+  named.update({f"opt_state/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(opt_state)})
+  np.savez(path, **named)
+
+
 def stop(message):
   print(message, flush=True)
   os.kill(os.getpid(), signal.SIGSTOP)
@@ -96,6 +104,7 @@ def main():
   parser.add_argument("directory")
   parser.add_argument("--stop-after-step", type=int)
   parser.add_argument("--stop-in-save", type=int)
+  parser.add_argument("--dump-saves", action="store_true")
   args = parser.parse_args()
   directory = os.path.join(args.directory, "ckpt")
   listing = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
@@ -114,6 +123,7 @@ def main():
     tx = make_tx(part)
     restored = checkpoint.restore(step_dir, {"params": params, "opt_state": tx.init(params)})
     params, opt_state = restored["params"], restored["opt_state"]
+    dump(os.path.join(args.directory, f"start_{start}.npz"), params, opt_state)
   print("REPORT " + json.dumps({
       "start": start, "listing": listing, "all_steps": list(manager.all_steps()),
       "skipped_at_start": stac_optax.nonfinite_skipped_steps(opt_state)}), flush=True)
@@ -129,6 +139,8 @@ def main():
     done = t + 1
     if done % EVERY == 0:
       manager.save(done, args=checkpoint.save_args({"params": params, "opt_state": opt_state}, part))
+      if args.dump_saves:
+        dump(os.path.join(args.directory, f"at_{done}.npz"), params, opt_state)
       if done == args.stop_in_save:
         tmp = [n for n in os.listdir(directory) if n.startswith(f"{done}.") and "tmp" in n]
         deadline = time.monotonic() + 10
@@ -142,9 +154,7 @@ def main():
   manager.wait_until_finished()
   manager.close()
 
-  named = {f"params/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(params)}
-  named.update({f"opt_state/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(opt_state)})
-  np.savez(os.path.join(args.directory, "final.npz"), **named)
+  dump(os.path.join(args.directory, "final.npz"), params, opt_state)
   print("REPORT " + json.dumps({"done": STEPS, "skipped": stac_optax.nonfinite_skipped_steps(opt_state)}),
         flush=True)
 
