@@ -83,7 +83,10 @@ def main(argv=None):
   abstract = jax.eval_shape(init_params, jax.random.key(0))
   shardings = param_sharding(mesh, abstract)
   params = jax.jit(init_params, out_shardings=shardings)(jax.random.key(0))
-  opt_state = jax.jit(tx.init)(params)
+  # The moments get their parameters' shardings: the same rule on the state's
+  # shapes. jax.jit(tx.init)(params) alone would put the whole state on one device.
+  state_shardings = param_sharding(mesh, jax.eval_shape(tx.init, params))
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
 
   teacher = init_params(jax.random.key(1), n_layers=2)
   data_sharding = NamedSharding(mesh, P("data"))

@@ -263,12 +263,33 @@ def save_args(tree: Any, partition: STACPartition) -> Any:
         f"partition must be a STACPartition (stac_optax.partition_modules(...)), "
         f"got {type(partition).__name__}."
     )
+  if _find_stac_states(tree):  # refuse now what restore would refuse later
+    try:
+      validate_state(tree, partition, sign_momentum=_sign_momentum_of(tree))
+    except ValueError as error:
+      raise ValueError(
+          f"not saving a checkpoint that could not be restored: {error} Save the "
+          "partition the optimizer was built from (stac(part, ...) with a cap "
+          "argument resolves another one: save partition_modules(part, "
+          "last_n_modules=...))."
+      ) from None
   return ocp.args.Composite(
       **{
           STATE_ITEM: ocp.args.StandardSave(tree),
           PARTITION_ITEM: ocp.args.JsonSave(partition.to_dict()),
       }
   )
+
+
+def _sign_momentum_of(tree: Any) -> float:
+  """``1.0`` where a STAC state in ``tree`` holds a trunk momentum buffer, else ``0``."""
+  for state in _find_stac_states(tree):
+    inner = _child(_child(state, "inner_state", ""), "inner_states", "inner_state")
+    trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
+    momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
+    if momentum is not None and jax.tree.leaves(momentum):
+      return 1.0
+  return 0.0
 
 
 def save(path: Any, tree: Any, partition: STACPartition, *, force: bool = False) -> None:

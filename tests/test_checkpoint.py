@@ -132,3 +132,17 @@ def test_a_checkpoint_without_params_says_the_trunk_was_not_checked(tmp_path):
   ckptr.wait_until_finished()
   with pytest.warns(UserWarning, match="trunk's parameter names and shapes could not be checked"):
     checkpoint.restore(tmp_path / "c", {"opt_state": tx.init(params)}, params)
+
+
+def test_saving_a_partition_other_than_the_optimizers_is_refused_before_writing(tmp_path):
+  params = {f"layer_{i}": {"w": jnp.ones((2, 2))} for i in range(6)}
+  part = stac_optax.partition_modules(params)  # cap: layer_5
+  tx = stac_optax.stac(part, last_n_modules=2)  # resolves another cap: layer_4, layer_5
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="not saving a checkpoint that could not be restored: .*'layer_4'"):
+    checkpoint.save(tmp_path / "c", {"params": params, "opt_state": state}, part)
+  assert not (tmp_path / "c").exists()
+  right = stac_optax.partition_modules(part, last_n_modules=2)
+  checkpoint.save(tmp_path / "c", {"params": params, "opt_state": state}, right)
+  momentum = stac_optax.stac(part, sign_momentum=0.9)  # a trunk buffer is fine when it is there
+  checkpoint.save(tmp_path / "m", {"params": params, "opt_state": momentum.init(params)}, part)
