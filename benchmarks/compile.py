@@ -210,6 +210,9 @@ def plot(report, path):
     style = "x--" if name == OLD_GUARD else "o-"
     ax_compile.plot(leaves, [r["compile_s"] for _, r in points], style, label=name)
     ax_step.plot(leaves, [r["median_ms"] for _, r in points], style, label=name)
+  stac = [(s["leaves"], s["optimizers"]["STAC default"]["compile_s"]) for s in report["sizes"]]
+  (x0, _), (x1, y1) = stac[0], stac[-1]
+  ax_compile.plot([x0, x1], [y1 * x0 / x1, y1], ":", color="gray", label="proportional to leaves")
   env = report["environment"]
   ax_compile.set(xscale="log", yscale="log", xlabel="parameter leaves", ylabel="compile time (s)",
                  title=f"lower().compile() of the train step, {env['device_kind']}")
