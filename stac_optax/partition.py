@@ -518,27 +518,33 @@ class STACPartition:
       if stacked_lib.is_layer_split(unit) or not isinstance(plan, tuple):
         return unit
       axis, k = plan
-      value = _unbox(unit)
-      layers = np.shape(value)[axis]
-      return stacked_lib.LayerSplit(
-          stacked_lib.slice_layers(value, axis, 0, k),
-          stacked_lib.slice_layers(value, axis, k, layers),
-      )
+      return stacked_lib.cut_layers(_unbox(unit), axis, k)
 
     return jax.tree_util.tree_map_with_path(cut, tree, is_leaf=stacked_lib.is_unit)
 
-  def merge(self, tree: Any) -> Any:
+  def merge(self, tree: Any, like: Any = None) -> Any:
     """The inverse of :meth:`split`: each ``LayerSplit`` concatenated back
-    along its layer axis."""
+    along its layer axis.
+
+    ``like``, the tree that was split, gives explicitly sharded results
+    (``jax.sharding.AxisType.Explicit``) their sharding back where the cut
+    had to gather the layer axis.
+    """
     if not self.splits_layers:
       return tree
+    originals = {}
+    if like is not None:
+      originals = {
+          path_name(p): _unbox(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=stacked_lib.is_unit)[0]
+      }
 
     def join(path, unit):
       if not stacked_lib.is_layer_split(unit):
         return unit
       name = path_name(path)
       axis, _ = self._plan[self._owner_of.get(name, name)]
-      return jnp.concatenate([unit.trunk, unit.cap], axis=axis)
+      return stacked_lib.join_layers(unit, axis, originals.get(name))
 
     return jax.tree_util.tree_map_with_path(join, tree, is_leaf=stacked_lib.is_unit)
 

@@ -175,13 +175,13 @@ def _split_layers(
     return tx.init(partition.split(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    updates, state = tx.update(
+    new_updates, state = tx.update(
         partition.split(updates),
         state,
         None if params is None else partition.split(params),
         **extra_args,
     )
-    return partition.merge(updates), state
+    return partition.merge(new_updates, like=updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

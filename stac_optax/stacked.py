@@ -309,10 +309,61 @@ def resolve(
   return found
 
 
-def slice_layers(value: Any, axis: int, start: int, stop: int) -> Any:
-  """Layers ``start:stop`` of a stacked array (or its abstract shape)."""
+def _explicit_layer_sharding(value: Any, axis: int) -> tuple[Any, int] | None:
+  """The sharding of ``value`` and the device count of its layer axis, when
+  that axis is sharded over mesh axes of type ``Explicit`` (sharding in
+  types); else ``None``."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:  # pragma: no cover - JAX before sharding in types
+    return None
+  try:
+    sharding = typeof(value).sharding
+  except (TypeError, AttributeError):
+    return None
+  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+  if spec is None or mesh is None or axis >= len(spec) or spec[axis] is None:
+    return None
+  names = spec[axis] if isinstance(spec[axis], tuple) else (spec[axis],)
+  if not set(names) & set(getattr(mesh, "explicit_axes", ())):
+    return None
+  return sharding, int(np.prod([mesh.shape[name] for name in names]))
+
+
+def cut_layers(value: Any, axis: int, k: int) -> LayerSplit:
+  """Layers ``:k`` and ``k:`` of a stacked array (or of its abstract shape).
+
+  With the layer axis sharded over ``Explicit`` mesh axes, JAX cannot slice
+  it into pieces the device count does not divide; the array is then
+  gathered along the layer axis first (its other axes keep their sharding),
+  and :func:`join_layers` gives the result its sharding back.
+  """
+  layers = value.shape[axis]
   if isinstance(value, jax.ShapeDtypeStruct):
-    shape = list(value.shape)
-    shape[axis] = stop - start
-    return jax.ShapeDtypeStruct(tuple(shape), value.dtype)
-  return jax.lax.slice_in_dim(value, start, stop, axis=axis)
+    trunk, cap = list(value.shape), list(value.shape)
+    trunk[axis], cap[axis] = k, layers - k
+    return LayerSplit(
+        jax.ShapeDtypeStruct(tuple(trunk), value.dtype),
+        jax.ShapeDtypeStruct(tuple(cap), value.dtype),
+    )
+  explicit = _explicit_layer_sharding(value, axis)
+  if explicit is not None and (k % explicit[1] or (layers - k) % explicit[1]):
+    sharding = explicit[0]
+    spec = list(sharding.spec) + [None] * (np.ndim(value) - len(sharding.spec))
+    spec[axis] = None
+    value = jax.sharding.reshard(
+        value, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    )
+  return LayerSplit(
+      jax.lax.slice_in_dim(value, 0, k, axis=axis),
+      jax.lax.slice_in_dim(value, k, layers, axis=axis),
+  )
+
+
+def join_layers(split: LayerSplit, axis: int, like: Any = None) -> Any:
+  """The inverse of :func:`cut_layers`; with ``like`` (the array that was
+  cut), an explicitly sharded result gets ``like``'s sharding back."""
+  joined = jax.numpy.concatenate([split.trunk, split.cap], axis=axis)
+  explicit = None if like is None else _explicit_layer_sharding(like, axis)
+  if explicit is not None and jax.typeof(joined).sharding != explicit[0]:
+    joined = jax.sharding.reshard(joined, explicit[0])
+  return joined
