@@ -379,7 +379,19 @@ class STACPartition:
     except KeyError:
       raise ValueError(self._unknown_message([name])) from None
 
+  def layer_cut(self, name: str) -> tuple[int, int, int] | None:
+    """``(layer axis, k, layers)`` of a stacked array whose first ``k``
+    layers are in the trunk and the others in the cap; ``None`` for any
+    other array. ``name`` is the array's path as trees show it."""
+    name = self._owner_of.get(name, name)
+    plan = self._plan.get(name)
+    if not isinstance(plan, tuple):
+      return None
+    axis, k = plan
+    return axis, k, self._stack_of(name)[1]  # type: ignore[index]
+
   def _split_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The shapes of a cut array's trunk and cap layers."""
     shape = dict(self.parameter_shapes).get(name)
     plan = self._plan.get(name)
     if shape is None or not isinstance(plan, tuple):
@@ -456,11 +468,11 @@ class STACPartition:
       split = self._split_shapes(owner)
       if stacked_lib.is_layer_split(unit):
         got = (tuple(np.shape(_unbox(unit.trunk))), tuple(np.shape(_unbox(unit.cap))))
-        if split is None or got != split:
+        if split is None or owner in shapes and got != (shapes[owner],) * 2:
           reshaped.append(
-              f"{name!r} is split into {got[0]} and {got[1]}, "
-              + (f"the partition splits it into {split[0]} and {split[1]}" if split
-                 else "the partition does not split it")
+              f"{name!r} comes split as {got[0]} and {got[1]}, "
+              + (f"two views of the whole {shapes[owner]} array" if split
+                 else "but the partition does not cut it")
           )
       elif isinstance(self._plan.get(owner), tuple):
         whole.append(name)
@@ -503,11 +515,17 @@ class STACPartition:
 
   def split(self, tree: Any) -> Any:
     """``tree`` with each stacked array that the cap boundary cuts replaced
-    by a :class:`~stac_optax.stacked.LayerSplit` of its trunk and cap layers.
+    by a :class:`~stac_optax.stacked.LayerSplit` holding it twice, once for
+    the trunk (``optax.partition`` label ``sign``) and once for the cap
+    (``adamw``).
 
-    The identity when no array is cut. ``tree`` is params, gradients or
-    updates (arrays or ``jax.ShapeDtypeStruct``); boxed leaves are unboxed
-    where they are cut. :meth:`merge` puts the pieces back together.
+    Both sides are the whole array: the transformations of each section
+    compute on it elementwise, and only their stateful parts (AdamW moments,
+    the sign momentum) take their own section's layers, so the state holds
+    those layers alone (see :func:`stac_optax.stac`). :meth:`merge` then
+    takes each layer from its section's side. The identity when no array is
+    cut. ``tree`` is params, gradients or updates (arrays or
+    ``jax.ShapeDtypeStruct``); boxed leaves are unboxed where they are cut.
     """
     if not self.splits_layers or is_params_placeholder(tree):
       return tree
@@ -517,34 +535,23 @@ class STACPartition:
       plan = self._plan.get(self._owner_of.get(name, name))
       if stacked_lib.is_layer_split(unit) or not isinstance(plan, tuple):
         return unit
-      axis, k = plan
-      return stacked_lib.cut_layers(_unbox(unit), axis, k)
+      value = _unbox(unit)
+      return stacked_lib.LayerSplit(value, value)
 
     return jax.tree_util.tree_map_with_path(cut, tree, is_leaf=stacked_lib.is_unit)
 
-  def merge(self, tree: Any, like: Any = None) -> Any:
-    """The inverse of :meth:`split`: each ``LayerSplit`` concatenated back
-    along its layer axis.
-
-    ``like``, the tree that was split, gives explicitly sharded results
-    (``jax.sharding.AxisType.Explicit``) their sharding back where the cut
-    had to gather the layer axis.
-    """
+  def merge(self, tree: Any) -> Any:
+    """The inverse of :meth:`split`: each ``LayerSplit`` becomes one array
+    of its trunk side's trunk layers and its cap side's cap layers."""
     if not self.splits_layers:
       return tree
-    originals = {}
-    if like is not None:
-      originals = {
-          path_name(p): _unbox(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=stacked_lib.is_unit)[0]
-      }
 
     def join(path, unit):
       if not stacked_lib.is_layer_split(unit):
         return unit
       name = path_name(path)
-      axis, _ = self._plan[self._owner_of.get(name, name)]
-      return stacked_lib.join_layers(unit, axis, originals.get(name))
+      axis, k = self._plan[self._owner_of.get(name, name)]
+      return stacked_lib.join_layers(unit, axis, k)
 
     return jax.tree_util.tree_map_with_path(join, tree, is_leaf=stacked_lib.is_unit)
 

@@ -164,11 +164,11 @@ def weight_decay_mask(
 def _split_layers(
     tx: optax.GradientTransformationExtraArgs, partition: partition_lib.STACPartition
 ) -> optax.GradientTransformationExtraArgs:
-  """``tx`` run on trees whose stacked arrays are cut at the cap boundary.
+  """``tx`` run on trees whose cut stacked arrays are given to both sections.
 
   Gradients and params are split (:meth:`STACPartition.split`) before ``tx``
-  sees them and its updates merged back, so ``tx``'s state holds the cap
-  moments of the cap layers only; ``tx``'s state is returned as it is.
+  sees them and its updates merged back (each layer from its own section);
+  ``tx``'s state is returned as it is.
   """
 
   def init_fn(params):
@@ -181,7 +181,59 @@ def _split_layers(
         None if params is None else partition.split(params),
         **extra_args,
     )
-    return partition.merge(new_updates, like=updates), state
+    return partition.merge(new_updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _own_layers(
+    tx: optax.GradientTransformation, partition: partition_lib.STACPartition, section: str
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` (a stateful, elementwise link) on its own section's layers.
+
+  Of the side of each cut stacked array that ``section`` holds, ``tx`` sees
+  the section's layers only: its state (moments, momentum buffers) is the
+  size of those layers, and its output is padded back to the whole array
+  with zeros, which :meth:`STACPartition.merge` never selects.
+  """
+  tx = optax.with_extra_args_support(tx)
+  key = stacked_lib.TRUNK_KEY if section == SIGN else stacked_lib.CAP_KEY
+
+  def cut_of(path):
+    if path and isinstance(path[-1], stacked_lib.SplitKey) and path[-1].name == key:
+      return partition.layer_cut(partition_lib.path_name(path[:-1]))
+    return None
+
+  def narrow(tree):
+    def one(path, x):
+      cut = cut_of(path)
+      if cut is None:
+        return x
+      axis, k, layers = cut
+      start, stop = (0, k) if section == SIGN else (k, layers)
+      return stacked_lib.take_layers(partition_lib._unbox(x), axis, start, stop)  # pylint: disable=protected-access
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=partition_lib.is_parameter_leaf)
+
+  def widen(tree, like):
+    def one(path, x, whole):
+      cut = cut_of(path)
+      if cut is None:
+        return x
+      axis, k, layers = cut
+      before, after = (0, layers - k) if section == SIGN else (k, 0)
+      return stacked_lib.pad_layers(x, axis, before, after, like=whole)
+
+    return jax.tree_util.tree_map_with_path(one, tree, like)
+
+  def init_fn(params):
+    return tx.init(narrow(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(
+        narrow(updates), state, None if params is None else narrow(params), **extra_args
+    )
+    return widen(new_updates, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -388,24 +440,24 @@ def stac(
       exclude_1d=exclude_1d_from_weight_decay,
       stacked_modules=partition.stacked_axes,
   )
-  trunk = transforms.sign_trunk(
+  # The chains of transforms.sign_trunk and transforms.adamw_cap; with cut
+  # stacked arrays, their stateful first links see their own layers only.
+  direction = transforms.scale_by_sign_momentum(
+      0.0 if sign_momentum is None else sign_momentum, sign_state_dtype, sign_update_dtype
+  )
+  moments = transforms.adam_moments(b1, b2, eps, mu_dtype, amsgrad)
+  if partition.splits_layers:
+    if not (sign_momentum is None or (not partition_lib.is_traced(sign_momentum)
+                                      and float(sign_momentum) == 0.0)):
+      direction = _own_layers(direction, partition, SIGN)  # the buffer: trunk layers only
+    moments = _own_layers(moments, partition, ADAMW)
+  trunk = transforms.decayed_and_scaled(
+      direction,
       _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate,
-      weight_decay=sign_weight_decay,
-      weight_decay_mask=decay_mask,
-      momentum=0.0 if sign_momentum is None else sign_momentum,
-      state_dtype=sign_state_dtype,
-      update_dtype=sign_update_dtype,
+      sign_weight_decay,
+      decay_mask,
   )
-  cap = transforms.adamw_cap(
-      learning_rate,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      weight_decay=adamw_weight_decay,
-      weight_decay_mask=decay_mask,
-      mu_dtype=mu_dtype,
-      amsgrad=amsgrad,
-  )
+  cap = transforms.decayed_and_scaled(moments, learning_rate, adamw_weight_decay, decay_mask)
   inner = optax.partition(
       {SIGN: trunk, ADAMW: cap, FROZEN: transforms.keep_unchanged()},
       partition.labels,

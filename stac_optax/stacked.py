@@ -329,41 +329,51 @@ def _explicit_layer_sharding(value: Any, axis: int) -> tuple[Any, int] | None:
   return sharding, int(np.prod([mesh.shape[name] for name in names]))
 
 
-def cut_layers(value: Any, axis: int, k: int) -> LayerSplit:
-  """Layers ``:k`` and ``k:`` of a stacked array (or of its abstract shape).
+def take_layers(value: Any, axis: int, start: int, stop: int) -> Any:
+  """Layers ``start:stop`` of a stacked array (or of its abstract shape).
 
   With the layer axis sharded over ``Explicit`` mesh axes, JAX cannot slice
   it into pieces the device count does not divide; the array is then
-  gathered along the layer axis first (its other axes keep their sharding),
-  and :func:`join_layers` gives the result its sharding back.
+  gathered along the layer axis first (its other axes keep their sharding).
   """
-  layers = value.shape[axis]
   if isinstance(value, jax.ShapeDtypeStruct):
-    trunk, cap = list(value.shape), list(value.shape)
-    trunk[axis], cap[axis] = k, layers - k
-    return LayerSplit(
-        jax.ShapeDtypeStruct(tuple(trunk), value.dtype),
-        jax.ShapeDtypeStruct(tuple(cap), value.dtype),
-    )
+    shape = list(value.shape)
+    shape[axis] = stop - start
+    return jax.ShapeDtypeStruct(tuple(shape), value.dtype)
   explicit = _explicit_layer_sharding(value, axis)
-  if explicit is not None and (k % explicit[1] or (layers - k) % explicit[1]):
+  if explicit is not None and (start % explicit[1] or (stop - start) % explicit[1]):
     sharding = explicit[0]
     spec = list(sharding.spec) + [None] * (np.ndim(value) - len(sharding.spec))
     spec[axis] = None
     value = jax.sharding.reshard(
         value, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     )
-  return LayerSplit(
-      jax.lax.slice_in_dim(value, 0, k, axis=axis),
-      jax.lax.slice_in_dim(value, k, layers, axis=axis),
-  )
+  return jax.lax.slice_in_dim(value, start, stop, axis=axis)
 
 
-def join_layers(split: LayerSplit, axis: int, like: Any = None) -> Any:
-  """The inverse of :func:`cut_layers`; with ``like`` (the array that was
-  cut), an explicitly sharded result gets ``like``'s sharding back."""
-  joined = jax.numpy.concatenate([split.trunk, split.cap], axis=axis)
+def pad_layers(value: Any, axis: int, before: int, after: int, like: Any = None) -> Any:
+  """``value`` with ``before`` and ``after`` zero layers around it; with
+  ``like`` (an array of the full shape), an explicitly sharded result gets
+  ``like``'s sharding."""
+  widths = [(0, 0)] * np.ndim(value)
+  widths[axis] = (before, after)
+  padded = jax.numpy.pad(value, widths)
   explicit = None if like is None else _explicit_layer_sharding(like, axis)
-  if explicit is not None and jax.typeof(joined).sharding != explicit[0]:
-    joined = jax.sharding.reshard(joined, explicit[0])
-  return joined
+  if explicit is not None and jax.typeof(padded).sharding != explicit[0]:
+    padded = jax.sharding.reshard(padded, explicit[0])
+  return padded
+
+
+def join_layers(split: LayerSplit, axis: int, k: int) -> Any:
+  """One array of the trunk's first ``k`` layers and the cap's other layers.
+
+  Both sides of ``split`` have the full shape. The choice is an elementwise
+  select, which XLA fuses into its consumer (``optax.apply_updates``), so
+  that a donated stacked parameter is updated in place; a concatenation of
+  the two sides' slices would make XLA copy the whole array.
+  """
+  trunk, cap = split.trunk, split.cap
+  shape = [1] * np.ndim(trunk)
+  shape[axis] = np.shape(trunk)[axis]
+  in_trunk = (jax.numpy.arange(shape[axis]) < k).reshape(shape)
+  return jax.numpy.where(in_trunk, trunk, cap)

@@ -216,8 +216,23 @@ def sign_trunk(
     >>> optax.apply_updates(params, updates)['w']
     Array([ 0.85, -1.9 ,  2.95], dtype=float32)
   """
-  return optax.chain(
+  return decayed_and_scaled(
       scale_by_sign_momentum(momentum, state_dtype, update_dtype),
+      learning_rate, weight_decay, weight_decay_mask,
+  )
+
+
+def decayed_and_scaled(
+    direction: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: chex.Numeric,
+    weight_decay_mask: Any | None,
+) -> optax.GradientTransformationExtraArgs:
+  """``direction``, then decoupled weight decay, then the learning rate:
+  the chain of :func:`sign_trunk` and :func:`adamw_cap` (and of
+  :func:`optax.adamw`), every link honouring ``skip_step``."""
+  return optax.chain(
+      direction,
       _honouring_skip(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
       _honouring_skip(optax.scale_by_learning_rate(learning_rate)),
   )
@@ -374,16 +389,20 @@ def adamw_cap(
     >>> bool(optax.tree.allclose(kept, state)), int(kept[0].count)
     (True, 0)
   """
+  return decayed_and_scaled(
+      adam_moments(b1, b2, eps, mu_dtype, amsgrad), learning_rate, weight_decay, weight_decay_mask
+  )
+
+
+def adam_moments(
+    b1: chex.Numeric, b2: chex.Numeric, eps: chex.Numeric, mu_dtype: Any | None, amsgrad: bool
+) -> optax.GradientTransformationExtraArgs:
+  """The first link of :func:`adamw_cap`: Adam's (or PyTorch's AMSGrad's)
+  direction and moments, honouring ``skip_step``."""
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if amsgrad:
-    moments = scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype)
-  else:
-    moments = _scale_by_adam(b1, b2, eps, mu_dtype)
-  return optax.chain(
-      moments,
-      _honouring_skip(optax.add_decayed_weights(weight_decay, weight_decay_mask)),
-      _honouring_skip(optax.scale_by_learning_rate(learning_rate)),
-  )
+    return scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype)
+  return _scale_by_adam(b1, b2, eps, mu_dtype)
 
 
 def keep_unchanged() -> optax.GradientTransformation:
