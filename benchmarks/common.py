@@ -76,10 +76,13 @@ def transformer_params(n_blocks, d=32, ff=128, vocab=256, d_out=8, seed=0) -> di
   return params
 
 
-def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=False) -> dict[str, Callable]:
+def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=False,
+               stacked_modules=None) -> dict[str, Callable]:
   """Name -> factory of each optimizer compared (built lazily: some are slow to build)."""
-  part = stac_optax.partition_modules(model_or_params)
-  mask = stac_optax.weight_decay_mask
+  part = stac_optax.partition_modules(model_or_params, stacked_modules=stacked_modules)
+
+  def mask(params):
+    return stac_optax.weight_decay_mask(params, stacked_modules=part.stacked_axes)
   out = {
       "STAC default": lambda: stac_optax.stac(part, lr, weight_decay=wd),
       "STAC full-decay trunk": lambda: stac_optax.stac(part, lr, weight_decay=wd, sign_weight_decay=wd),

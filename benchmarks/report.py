@@ -101,12 +101,30 @@ def compile_times(report):
   return "\n".join(lines)
 
 
+def stacked(report):
+  env = report["environment"]
+  lines = [f"{report['blocks']} blocks of width {report['width']}, {report['parameters']:,} parameters "
+           f"({report['leaves']['unrolled']} arrays unrolled, {report['leaves']['stacked']} stacked); "
+           f"{report['partition']}; {report['cut_arrays']} stacked arrays cut by the cap; "
+           f"{env['device_kind']} ({env['cpu_count']} CPUs seen), JAX {env['jax']}.\n",
+           "| optimizer, layout | first call s | step ms (median) | state MiB | XLA temp MiB |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+  for name, r in report["results"].items():
+    lines.append(f"| {name} | {r['compile_s']:.2f} | {r['step_ms_median']:.2f} | "
+                 f"{r['state_bytes'] / 2**20:.2f} | {(r['xla_temp_bytes'] or 0) / 2**20:.2f} |")
+  lines.append("")
+  lines += [f"{opt}: stacked/unrolled step {r['step']:.2f}x, first call {r['compile']:.2f}x."
+            for opt, r in report["stacked_over_unrolled"].items()]
+  return "\n".join(lines)
+
+
 def main(paths):
   for path in paths:
     with open(path) as f:
       report = json.load(f)
     print(f"\n<!-- {path} -->\n")
-    tables = {"research": research, "memory": memory, "speed": speed, "compile": compile_times}
+    tables = {"research": research, "memory": memory, "speed": speed, "compile": compile_times,
+              "stacked": stacked}
     print(tables[report["benchmark"]](report))
 
 

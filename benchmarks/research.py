@@ -17,6 +17,10 @@ dicts (so the partition reads their creation order):
   encoders (teacher d=96, 4 layers, 4 heads, ff 384; student d=128, 8
   layers, 8 heads, ff 512), token + position embeddings, mean-pool, 8
   classes, 6% label noise, batch 96, 12 updates per epoch.
+* its scanned variant: the same student with its layers stacked (one array
+  per layer parameter, ``jax.lax.scan`` over them) and
+  ``stacked_modules={'layers': 0}``; same weights, data and batches, so it
+  should end where its unrolled twin does (STAC configs and AdamW only).
 
 Configs: STAC default, full-decay trunk, wider cap, AdamW baseline (bias and
 1-D exempt), the 0.1.x momentum variant, and optax.lion, optax.adafactor,
@@ -117,20 +121,39 @@ def init_encoder(key, vocab, length, d, n_layers, ff, n_classes):
   return params
 
 
+def _encoder_layer(layer, x, heads):
+  b, t, d = x.shape
+  h = _layer_norm(layer["norm1"], x)
+
+  def split(y):
+    return y.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
+
+  q, k, v = (split(_dense(layer["attn"][n], h)) for n in ("query", "key", "value"))
+  att = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads), axis=-1)
+  x = x + _dense(layer["attn"]["out"], (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d))
+  return x + _dense(layer["ff2"], _gelu(_dense(layer["ff1"], _layer_norm(layer["norm2"], x))))
+
+
 def apply_encoder(params, tokens, heads):
   x = params["token"]["embedding"][tokens] + params["position"]["embedding"][: tokens.shape[1]][None]
-  b, t, d = x.shape
-  for layer in params["layers"]:
-    h = _layer_norm(layer["norm1"], x)
-
-    def split(y):
-      return y.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
-
-    q, k, v = (split(_dense(layer["attn"][n], h)) for n in ("query", "key", "value"))
-    att = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads), axis=-1)
-    x = x + _dense(layer["attn"]["out"], (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d))
-    x = x + _dense(layer["ff2"], _gelu(_dense(layer["ff1"], _layer_norm(layer["norm2"], x))))
+  if isinstance(params["layers"], dict):  # stacked layers: one scan over the layer axis
+    x, _ = jax.lax.scan(lambda x, layer: (_encoder_layer(layer, x, heads), None), x, params["layers"])
+  else:
+    for layer in params["layers"]:
+      x = _encoder_layer(layer, x, heads)
   return _dense(params["head"], _layer_norm(params["final_norm"], x).mean(axis=1))
+
+
+def stack_layers(params):
+  """The encoder with its list of layers stacked into one dict of arrays
+  (layer axis first), keeping the creation order of every dict."""
+
+  def stack(layers):
+    if isinstance(layers[0], dict):
+      return {k: stack([layer[k] for layer in layers]) for k in layers[0]}
+    return jnp.stack(layers)
+
+  return {k: stack(v) if k == "layers" else v for k, v in params.items()}
 
 
 # -- tasks --------------------------------------------------------------------------
@@ -147,6 +170,7 @@ class Task:
   updates_per_epoch: int = 16
   batch: int = 256
   heads: int | None = None
+  stacked_modules: dict | None = None
 
 
 def _noisy_labels(rng, labels, fraction, n_classes):
@@ -213,7 +237,15 @@ TASKS = {
         _student_mlp(64, 6, block_norm=False, final_norm=True, bridge=True), apply_mlp),
     "sequence_classification": Task("sequence_classification", "classification", _sequence_data,
                                     _student_encoder, None, updates_per_epoch=12, batch=96, heads=8),
+    # the same student with its layers stacked and scanned: the same weights,
+    # data and batches as its unrolled twin above, so the same curves
+    "sequence_classification_scanned": Task(
+        "sequence_classification_scanned", "classification", _sequence_data,
+        lambda key, quick=False: stack_layers(_student_encoder(key, quick)), None,
+        updates_per_epoch=12, batch=96, heads=8, stacked_modules={"layers": 0}),
 }
+STACKED_CONFIGS = ("STAC default", "STAC full-decay trunk", "STAC wider cap", "AdamW baseline",
+                   "STAC 0.1.x momentum")
 
 
 def forward(task, params, x):
@@ -343,12 +375,15 @@ def torch_run(task, params0, data, schedule, config):
 
 
 def run_task(task, configs, seeds, epochs, quick, with_torch):
+  if task.stacked_modules is not None:  # the STAC configs and their AdamW baseline
+    configs = [c for c in configs if c in STACKED_CONFIGS]
+    with_torch = False  # PyTorch's side is the unrolled twin's task
   results = {name: [] for name in configs}
   if with_torch:
     results.update({"PyTorch STAC default": [], "PyTorch AdamW": []})
   evaluate = make_eval(task)
   template = task.init_student(jax.random.key(0), quick=quick)
-  factories = common.optimizers(template)
+  factories = common.optimizers(template, stacked_modules=task.stacked_modules)
   states_mib = {}
   steps = {}
   for name in configs:  # one transformation and one compiled step per config, reused across seeds

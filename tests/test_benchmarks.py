@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import common, memory, research, speed
+from benchmarks import common, memory, research, speed, stacked
 from benchmarks import compile as compile_benchmark
 
 
@@ -98,6 +98,32 @@ def test_research_quick_json(tmp_path, task, configs):
   assert (tmp_path / "research.png").stat().st_size > 5_000
 
 
+def test_stacked_quick_json(tmp_path):
+  out = tmp_path / "stacked.json"
+  stacked.main(["--quick", "--repeats", "3", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["benchmark"] == "stacked" and report["cut_arrays"] > 0
+  results = report["results"]
+  assert set(results) == {f"{o}, {layout}" for o in ("STAC default", "optax.adamw")
+                          for layout in ("unrolled", "stacked")}
+  for r in results.values():
+    assert all(_finite(r[k]) for k in ("compile_s", "step_ms_median", "step_ms_best"))
+  # the cap moments exist for the cap layers only: the same state as unrolled
+  assert results["STAC default, stacked"]["state_bytes"] == results["STAC default, unrolled"]["state_bytes"]
+
+
+def test_research_scanned_sequence_task_ends_where_its_unrolled_twin_does(tmp_path):
+  out = tmp_path / "research.json"
+  research.main(["--quick", "--no-torch", "--configs", "STAC default,AdamW baseline", "--tasks",
+                 "sequence_classification,sequence_classification_scanned", "--out", str(out)])
+  tasks = json.loads(out.read_text())["tasks"]
+  for config in ("STAC default", "AdamW baseline"):
+    unrolled, scanned = (tasks[t][config] for t in ("sequence_classification",
+                                                     "sequence_classification_scanned"))
+    assert scanned["state_mib"] == unrolled["state_mib"]
+    assert abs(scanned["final_val_loss_mean"] - unrolled["final_val_loss_mean"]) < 1e-4, config
+
+
 def test_research_refuses_unknown_configs_and_tasks(capsys):
   for argv, named in ((["--configs", "STAC default,adam"], "adam"), (["--tasks", "mnist"], "mnist")):
     with pytest.raises(SystemExit):
@@ -113,7 +139,8 @@ def test_report_prints_the_committed_results_with_the_documented_command():
 
   root = pathlib.Path(__file__).resolve().parents[1]
   paths = sorted(str(p.relative_to(root)) for p in (root / "docs" / "benchmark").glob("*.json"))
-  assert {p.rsplit("/", 1)[1].split("_")[0] for p in paths} == {"compile", "memory", "research", "speed"}
+  assert {p.rsplit("/", 1)[1].split("_")[0] for p in paths} == {
+      "compile", "memory", "research", "speed", "stacked"}
   done = subprocess.run([sys.executable, "-m", "benchmarks.report", *paths], cwd=root,
                         capture_output=True, text=True, check=True)
   for path in paths:
