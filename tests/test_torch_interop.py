@@ -38,7 +38,7 @@ def _torch_steps(tm, opt, rng, steps, nan_at=()):
 def _jax_steps(tx, params, state, tm, fm, rng, steps):
   update = jax.jit(tx.update)
   for _ in range(steps):
-    updates, state = update(torch_interop.tree_from_torch(tm, _grads(tm, rng), fm), state, params)
+    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, _grads(tm, rng), fm)), state, params)
     params = optax.apply_updates(params, updates)
   return params, state
 

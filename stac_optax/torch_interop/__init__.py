@@ -28,20 +28,34 @@ transposed, a conv ``kernel`` has its axes moved).
 """
 
 from stac_optax.torch_interop.convert import (
+    buffers_from_torch,
     params_from_torch,
     params_to_torch,
     tree_from_torch,
     tree_to_torch,
+    variables_from_torch,
 )
-from stac_optax.torch_interop.layouts import ParameterMatch
-from stac_optax.torch_interop.matching import flax_params, match_parameters
+from stac_optax.torch_interop.layouts import (
+    ModuleConverter,
+    MultiheadAttentionConverter,
+    ParameterMatch,
+    Piece,
+)
+from stac_optax.torch_interop.matching import (
+    flax_batch_stats,
+    flax_params,
+    match_buffers,
+    match_parameters,
+)
 from stac_optax.torch_interop.parity import (
+    BatchParity,
     ParameterDiff,
     ParityReport,
     _torch_kwargs,  # noqa: F401  (the suite's reference)
     check_parity,
 )
 from stac_optax.torch_interop.runs import (
+    flax_cap_size,
     from_torch,
     stac_kwargs_from_torch,
     to_torch,
@@ -49,12 +63,20 @@ from stac_optax.torch_interop.runs import (
 )
 
 __all__ = (
+    "BatchParity",
+    "ModuleConverter",
+    "MultiheadAttentionConverter",
     "ParameterDiff",
     "ParameterMatch",
     "ParityReport",
+    "Piece",
+    "buffers_from_torch",
     "check_parity",
+    "flax_batch_stats",
+    "flax_cap_size",
     "flax_params",
     "from_torch",
+    "match_buffers",
     "match_parameters",
     "params_from_torch",
     "params_to_torch",
@@ -63,4 +85,5 @@ __all__ = (
     "trainable_from_torch",
     "tree_from_torch",
     "tree_to_torch",
+    "variables_from_torch",
 )

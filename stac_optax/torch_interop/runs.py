@@ -17,7 +17,8 @@ import optax
 from stac_optax import partition as partition_lib
 from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
 from stac_optax.torch_interop._common import _torch
-from stac_optax.torch_interop.convert import params_from_torch, tree_to_torch
+from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
+from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import flax_params, match_parameters
 
 
@@ -238,15 +239,24 @@ def _torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tup
   return {"sign": modules[:split], "adamw": modules[split:]}
 
 
+def _by_torch_name(matches) -> dict[str, list]:
+  """``{torch_name: [matches]}``: one match, or one per block of rows of a
+  fused parameter."""
+  out: dict[str, list] = {}
+  for m in matches:
+    out.setdefault(m.torch_name, []).append(m)
+  return out
+
+
 class _Names:
-  """How messages name a parameter: its PyTorch name and Flax path."""
+  """How messages name a parameter: its PyTorch name and Flax path(s)."""
 
   def __init__(self, matches):
-    self.flax = {m.torch_name: m.flax_name for m in matches}
+    self.flax = {t: [m.flax_name for m in ms] for t, ms in _by_torch_name(matches).items()}
 
   def __call__(self, torch_name: str) -> str:
     if torch_name in self.flax:
-      return f"{torch_name!r} (Flax {self.flax[torch_name]!r})"
+      return f"{torch_name!r} (Flax {', '.join(map(repr, self.flax[torch_name]))})"
     return repr(torch_name)
 
   def many(self, torch_names) -> str:
@@ -333,7 +343,7 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
       exclude_bias=bool(any_group["exclude_bias_from_weight_decay"]),
       exclude_1d=bool(any_group["exclude_1d_from_weight_decay"]),
   )))
-  flax_of = {m.torch_name: m.flax_name for m in matches}
+  flax_of = {t: [m.flax_name for m in ms] for t, ms in _by_torch_name(matches).items()}
   for role, (i, group) in by_role.items():
     listed = tuple(group["param_names"])
     mask = tuple(group.get("decay_param_mask", ())) or (True,) * len(listed)  # torch's default
@@ -346,7 +356,8 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
     if _real(group["weight_decay"]) == 0:
       continue  # no decay: the mask changes nothing
     for name, flag in zip(listed, mask, strict=True):
-      want = bool(decays[flax_of[name]])
+      wants = {bool(decays[f]) for f in flax_of[name]}
+      want = wants.pop() if len(wants) == 1 else not flag  # Flax leaves that disagree: refused
       if bool(flag) != want:
         raise ValueError(
             f"{where}: {names(name)} is {'decayed' if flag else 'exempt from decay'} in "
@@ -375,7 +386,7 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
     first step.
   """
   torch = _torch()
-  by_name = {m.torch_name: m for m in matches}
+  by_name = _by_torch_name(matches)
   state = state_dict["state"]
   listed = {}
   for role, (i, group) in by_role.items():
@@ -422,7 +433,6 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
           )
         steps[name] = _count(f"{where}: 'step'", s["step"])
         cap_states[name] = s
-      m = by_name[name]
       for key in sorted(keys - {"step"}):
         info = _array_info(torch, s[key])
         if info is None or not info[1]:
@@ -431,13 +441,14 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
               f"{type(s[key]).__name__}" + (f" of dtype {s[key].dtype}" if info else "") + "."
           )
         shape = info[0]
-        converted = m.to_flax(np.empty(shape, np.float32)).shape if len(shape) == len(m.torch_shape) else None
-        if shape != m.torch_shape or converted != m.flax_shape:
-          raise ValueError(
-              f"{where}: state {key!r} has shape {shape}, but the parameter's shape is "
-              f"{m.torch_shape} in PyTorch ({m.flax_shape} in Flax, {m.layout} layout); "
-              "the state was saved for a model with other parameter shapes."
-          )
+        for m in by_name[name]:
+          converted = m.to_flax(np.empty(shape, np.float32)).shape if shape == m.torch_shape else None
+          if converted != m.flax_shape:
+            raise ValueError(
+                f"{where}: state {key!r} has shape {shape}, but the parameter's shape is "
+                f"{m.torch_shape} in PyTorch ({m.flax_shape} in Flax, {m.layout} layout); "
+                "the state was saved for a model with other parameter shapes."
+            )
   if cap_states:
     cap_names = by_role["adamw"][1]["param_names"]
     without = [n for n in cap_names if n not in cap_states]
@@ -483,20 +494,38 @@ def _with_cap_adam_state(opt_state: STACState, adam) -> STACState:
   return opt_state._replace(inner_state=partition_state._replace(inner_states=inner_states))
 
 
-def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
-  owner = {m.torch_name: m.flax_name for m in matches}
+def flax_cap_size(partition, torch_cap: Sequence[str], matches) -> int:
+  """How many Flax counted modules hold the PyTorch cap's parameters.
+
+  Equal to PyTorch's cap size when modules map one to one; larger where a
+  converter made one PyTorch module several Flax modules (an
+  ``nn.MultiheadAttention`` with its ``out_proj`` is 2 modules in PyTorch,
+  4 in Flax).
+  """
   aliases = dict(partition.parameter_aliases)
-  torch_of = {aliases.get(f, f): t for t, f in owner.items()}
+  module_of = {p: m.name for m in partition.modules for p in m.parameter_names}
+  cap = set(torch_cap)
+  return len({
+      module_of[aliases.get(m.flax_name, m.flax_name)]
+      for m in matches
+      if m.torch_name in cap and aliases.get(m.flax_name, m.flax_name) in module_of
+  })
+
+
+def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
+  aliases = dict(partition.parameter_aliases)
+  owner = {t: {aliases.get(m.flax_name, m.flax_name) for m in ms} for t, ms in _by_torch_name(matches).items()}
+  torch_of = {f: t for t, fs in owner.items() for f in fs}
   for role, flax_names in (
       ("sign", partition.sign_parameter_names),
       ("adamw", partition.adamw_parameter_names),
   ):
     group = torch_groups.get(role)
     torch_names = tuple(group[1]["param_names"]) if group is not None else ()
-    mapped = {aliases.get(owner[n], owner[n]) for n in torch_names}
+    mapped = {f for n in torch_names for f in owner[n]}
     if mapped != set(flax_names):
-      only_torch = [torch_of[f] for f in sorted(mapped - set(flax_names))]
-      only_flax = [torch_of[f] for f in sorted(set(flax_names) - mapped)]
+      only_torch = list(dict.fromkeys(torch_of[f] for f in sorted(mapped - set(flax_names))))
+      only_flax = list(dict.fromkeys(torch_of[f] for f in sorted(set(flax_names) - mapped)))
       raise ValueError(
           f"the PyTorch and stac_optax partitions differ in the {role} section "
           f"(the {_SECTION[role]}): in PyTorch only {names.many(only_torch)}, in "
@@ -512,6 +541,8 @@ def from_torch(
     *,
     name_map: Mapping[str, str] | None = None,
     nonfinite_skipped_steps: int | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
 ) -> tuple[optax.GradientTransformationExtraArgs, Any, STACState]:
   """Continues a PyTorch ``STAC`` run in JAX.
 
@@ -534,10 +565,14 @@ def from_torch(
     target: the matching Flax model (NNX module) or params tree.
     name_map: ``{torch_name: flax_path}`` where the rules do not match.
     nonfinite_skipped_steps: overrides the skip counter.
+    match: ``"names"`` or ``"order"``, as in :func:`match_parameters`.
+    converters: extra :class:`ModuleConverter` objects, as there.
 
   Returns:
     ``(tx, params, opt_state)``: the transformation built with the torch
-    optimizer's hyper-parameters, the weights as a params tree shaped like
+    optimizer's hyper-parameters (the cap as ``last_n_modules``, counted in
+    Flax modules: more than PyTorch's where a converter made one module
+    several), the weights as a params tree shaped like
     ``target``'s, and a state holding the cap's moments and step count.
 
   Raises:
@@ -550,7 +585,8 @@ def from_torch(
   skipped = _count(
       "nonfinite_skipped_steps", skipped if nonfinite_skipped_steps is None else nonfinite_skipped_steps
   )
-  matches = match_parameters(torch_module, target, name_map=name_map)
+  how = {"name_map": name_map, "match": match, "converters": converters}
+  matches = match_parameters(torch_module, target, **how)
   names = _Names(matches)
   if optimizer is not None:
     _check_optimizer_trains(optimizer, torch_module, names)
@@ -559,18 +595,20 @@ def from_torch(
   _check_names(groups, torch_module, names)
   _check_decay_masks(groups, matches, target, names)
   cap_states, step = _check_param_states(state_dict, groups, matches, names)
-  partition = partition_lib.partition_modules(
-      target, last_n_modules=kwargs["last_n_modules"],
-      trainable=trainable_from_torch(torch_module, matches),
+  trainable = trainable_from_torch(torch_module, matches)
+  torch_cap = groups["adamw"][1]["param_names"] if "adamw" in groups else ()
+  n_cap = flax_cap_size(
+      partition_lib.partition_modules(target, last_n_modules=0, trainable=trainable), torch_cap, matches
   )
+  partition = partition_lib.partition_modules(target, last_n_modules=n_cap, trainable=trainable)
   _check_same_split(groups, partition, matches, names)
 
-  params = params_from_torch(torch_module, target, name_map=name_map)
+  params = params_from_torch(torch_module, target, **how)
   tx = stac(partition, **{k: v for k, v in kwargs.items() if k != "last_n_modules"})
   opt_state = tx.init(params)
 
   if "adamw" in groups:
-    by_name = {m.torch_name: m for m in matches}
+    by_name = _by_torch_name(matches)
     cap_names = groups["adamw"][1]["param_names"]
     adam = _cap_adam_state(opt_state)
     replaced = {"count": jnp.asarray(step, jnp.int32)}
@@ -578,11 +616,11 @@ def from_torch(
       if not hasattr(adam, field):
         continue
       values = {
-          by_name[n].flax_name: (
-              by_name[n].to_flax(cap_states[n][key]) if n in cap_states
-              else np.zeros(by_name[n].flax_shape, np.float32)
+          m.flax_name: (
+              m.to_flax(cap_states[n][key]) if n in cap_states else np.zeros(m.flax_shape, np.float32)
           )
           for n in cap_names
+          for m in by_name[n]
       }
       replaced[field] = jax.tree_util.tree_map_with_path(
           lambda path, leaf, values=values: jnp.asarray(
@@ -621,7 +659,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
       if hasattr(adam, field)
   }
   cap = by_role.get("adamw")
-  torch_cap = sorted(names.flax[n] for n in (cap[1]["param_names"] if cap else ()))
+  torch_cap = sorted(f for n in (cap[1]["param_names"] if cap else ()) for f in names.flax[n])
   if torch_cap != sorted(flat["exp_avg"]):
     raise ValueError(
         "the stac_optax state and the PyTorch optimizer have different caps: "
@@ -633,8 +671,8 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
         f"the stac_optax state {'uses' if _AMSGRAD_KEY in flat else 'does not use'} AMSGrad "
         f"but the PyTorch optimizer has amsgrad={amsgrad}."
     )
-  by_name = {m.torch_name: m for m in matches}
-  cap_matches = [by_name[n] for n in (cap[1]["param_names"] if cap else ())]
+  by_name = _by_torch_name(matches)
+  cap_matches = [m for n in (cap[1]["param_names"] if cap else ()) for m in by_name[n]]
   for key, values in flat.items():
     for m in cap_matches:
       value = values[m.flax_name]
@@ -656,11 +694,15 @@ def to_torch(
     optimizer: Any,
     *,
     name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
 ) -> None:
   """Continues a stac_optax run in PyTorch: writes the weights into
   ``torch_module`` and the cap's moments and step into ``optimizer`` (a
   ``stac_optimizer.STAC`` built on ``torch_module`` with the same
-  hyper-parameters), in place.
+  hyper-parameters), in place. Given an NNX module or a linen variables
+  dict with batch statistics, the running statistics go into the BatchNorm
+  buffers too.
 
   The split is the torch optimizer's (params after training are sorted
   dicts: no order to read). Everything is checked before anything is
@@ -680,7 +722,7 @@ def to_torch(
     raise TypeError(f"opt_state must be a STACState, got {type(opt_state).__name__}.")
   if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "load_state_dict"):
     raise TypeError(f"optimizer must be a stac_optimizer.STAC, got {type(optimizer).__name__}.")
-  matches = match_parameters(torch_module, params_or_model, name_map=name_map)
+  matches = match_parameters(torch_module, params_or_model, name_map=name_map, match=match, converters=converters)
   names = _Names(matches)
   _check_optimizer_trains(optimizer, torch_module, names)
   state_dict = optimizer.state_dict()
@@ -691,27 +733,22 @@ def to_torch(
 
   # build everything, then write: the state first (torch checks it before
   # changing anything), then the weights
-  by_name = {m.torch_name: m for m in matches}
-  values = tree_to_torch(
-      flax_params(params_or_model), torch_module, name_map=name_map, target=params_or_model
-  )
-  weights = {n: torch.from_numpy(np.array(v, copy=True)) for n, v in values.items()}
+  by_name = _by_torch_name(matches)
+  weights, buffers = values_for_torch(params_or_model, torch_module, matches)
   new_state = {}
   cap = groups.get("adamw")
   if cap is not None and count > 0:
     for index, name in zip(cap[1]["params"], cap[1]["param_names"], strict=True):
-      m = by_name[name]
       entry = {"step": torch.tensor(float(count))}
       for key, moments in flat.items():
-        entry[key] = torch.from_numpy(np.array(m.to_torch(moments[m.flax_name]), copy=True))
+        value = assemble(by_name[name], moments)[name]
+        entry[key] = torch.from_numpy(np.array(value, copy=True))
       new_state[index] = entry
   new_state_dict = {**state_dict, "state": new_state}
   previous = copy.deepcopy(optimizer.state_dict())
   optimizer.load_state_dict(new_state_dict)
   try:
-    with torch.no_grad():
-      for name, param in torch_module.named_parameters():
-        param.copy_(weights[name].to(param.dtype))
+    write_to_torch(torch_module, weights, buffers)
   except BaseException:
     optimizer.load_state_dict(previous)
     raise
