@@ -38,7 +38,16 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
     value = jnp.asarray(values[path_name(path)], dtype=jnp.result_type(unbox(leaf)))
     return leaf.replace(value) if is_parameter_leaf(leaf) and hasattr(leaf, "replace") else value
 
-  return jax.tree_util.tree_map_with_path(fill, template, is_leaf=is_parameter_leaf)
+  def visit(node, path):
+    # plain dicts keep their key order (a linen dict's creation order, which
+    # matching by order reads again); jax.tree.map would sort them
+    if type(node) is dict:  # pylint: disable=unidiomatic-typecheck
+      return {k: visit(v, (*path, k)) for k, v in node.items()}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: fill((*path, *p), leaf), node, is_leaf=is_parameter_leaf
+    )
+
+  return visit(template, ())
 
 
 def _tree_from_values(target: Any, values: Mapping[str, Any]) -> Any:
@@ -160,14 +169,18 @@ def variables_from_torch(
   """Weights and running statistics together, ready to use.
 
   Returns:
-    For a linen variables dict: a variables dict with ``params`` and
-    ``batch_stats`` (other collections as they were). For an NNX module: an
+    For a linen variables dict, or a builder of one (``lambda:
+    model.init(key, x)``, which reads the creation order without running
+    the initializers): a variables dict with ``params`` and ``batch_stats``
+    (other collections as they were, or as shapes for a builder). For an NNX module: an
     ``nnx.State`` of its ``nnx.Param`` and ``nnx.BatchStat`` variables, for
     ``nnx.update(model, state)``. For a params tree: the params.
   """
   kwargs = {"name_map": name_map, "match": match, "converters": converters}
   params = params_from_torch(torch_module, target, **kwargs)
   stats = buffers_from_torch(torch_module, target, **kwargs)
+  if order_lib.is_builder(target) and looks_like_linen_variables(built := jax.eval_shape(target)):
+    return {**built, "params": params, **({"batch_stats": stats} if stats is not None else {})}
   if looks_like_linen_variables(target):
     return {**target, "params": params, **({"batch_stats": stats} if stats is not None else {})}
   if is_nnx_module(target):
@@ -212,13 +225,20 @@ def params_to_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    target: Any | None = None,
 ) -> None:
   """Copies Flax weights into the PyTorch module's parameters, in place;
   given an NNX module or a linen variables dict with batch statistics, the
   running statistics into its BatchNorm buffers too (``num_batches_tracked``
-  is left as it is)."""
+  is left as it is).
+
+  ``target`` (the model, or a builder) gives the structure and, matching by
+  order, the registration order, where ``params_or_model`` has lost it (a
+  dict that went through ``jax.tree.map`` or ``jax.jit`` is sorted).
+  """
   matches = match_parameters(
-      torch_module, params_or_model, name_map=name_map, match=match, converters=converters
+      torch_module, params_or_model if target is None else target,
+      name_map=name_map, match=match, converters=converters,
   )
   write_to_torch(torch_module, *values_for_torch(params_or_model, torch_module, matches))
 

@@ -361,7 +361,7 @@ def check_parity(
   if batches is not None:
     own = _own_gradient_run(
         initial_module, initial_params, matches, stac_optimizer.STAC(initial_module, **torch_kwargs),
-        tx, grad_fn, torch_grads, torch_batches, flax_batches, rtol, atol,
+        tx, update, grad_fn, torch_grads, torch_batches, flax_batches, rtol, atol,
     )
     loss_rel = max(
         (abs(t - f) / max(abs(t), np.finfo(np.float32).tiny) for t, f in losses), default=0.0
@@ -400,12 +400,11 @@ def check_parity(
   )
 
 
-def _own_gradient_run(module, params, matches, optimizer, tx, grad_fn, torch_grads,
+def _own_gradient_run(module, params, matches, optimizer, tx, update, grad_fn, torch_grads,
                       torch_batches, flax_batches, rtol, atol) -> tuple[float, float]:
   """Both frameworks step on their own gradients of the same batches:
   ``(largest parameter difference, fraction of elements beyond tolerance
   at the end)``."""
-  update = jax.jit(tx.update)
   state = tx.init(params)
   worst, apart, total = 0.0, 0, 0
   for t, (tb, fb) in enumerate(zip(torch_batches, flax_batches, strict=True)):

@@ -696,6 +696,7 @@ def to_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    target: Any | None = None,
 ) -> None:
   """Continues a stac_optax run in PyTorch: writes the weights into
   ``torch_module`` and the cap's moments and step into ``optimizer`` (a
@@ -711,6 +712,10 @@ def to_torch(
   pass :func:`from_torch`'s checks, and the state's cap, moment shapes,
   AMSGrad and step count must fit it.
 
+  Matching by order needs the registration order, which trained params
+  (sorted dicts, ``nnx.State``) no longer have: give the model or its
+  builder as ``target``.
+
   Raises:
     ValueError: parameters that do not match, partitions that differ, a
       state PyTorch cannot continue (a trunk momentum buffer), or moments of
@@ -722,7 +727,10 @@ def to_torch(
     raise TypeError(f"opt_state must be a STACState, got {type(opt_state).__name__}.")
   if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "load_state_dict"):
     raise TypeError(f"optimizer must be a stac_optimizer.STAC, got {type(optimizer).__name__}.")
-  matches = match_parameters(torch_module, params_or_model, name_map=name_map, match=match, converters=converters)
+  matches = match_parameters(
+      torch_module, params_or_model if target is None else target,
+      name_map=name_map, match=match, converters=converters,
+  )
   names = _Names(matches)
   _check_optimizer_trains(optimizer, torch_module, names)
   state_dict = optimizer.state_dict()
