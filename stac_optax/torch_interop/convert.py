@@ -26,6 +26,7 @@ from stac_optax.torch_interop.matching import (
   flax_params,
   match_buffers,
   match_parameters,
+  traces_builders_once,
 )
 
 
@@ -61,6 +62,7 @@ def _nnx_state(model: Any, *filters: Any) -> Any:
   return nnx.state(model, nnx.Any(*filters) if len(filters) > 1 else filters[0])
 
 
+@traces_builders_once
 def tree_from_torch(
     torch_module: Any,
     tensors: Mapping[str, Any],
@@ -104,6 +106,7 @@ def tree_from_torch(
   return _tree_from_values(target, values)
 
 
+@traces_builders_once
 def params_from_torch(
     torch_module: Any,
     target: Any,
@@ -135,6 +138,7 @@ def params_from_torch(
   return _tree_from_values(target, {m.flax_name: m.to_flax(weights[m.torch_name]) for m in matches})
 
 
+@traces_builders_once
 def buffers_from_torch(
     torch_module: Any,
     target: Any,
@@ -158,6 +162,7 @@ def buffers_from_torch(
   return _fill(stats, {b.flax_name: b.to_flax(buffers[b.torch_name]) for b in match_buffers(torch_module, target, matches)})
 
 
+@traces_builders_once
 def variables_from_torch(
     torch_module: Any,
     target: Any,
@@ -192,6 +197,7 @@ def variables_from_torch(
   return params
 
 
+@traces_builders_once
 def tree_to_torch(
     tree: Any,
     torch_module: Any,
@@ -218,6 +224,7 @@ def _stats_source(params_or_model: Any) -> Any:
   return flax_batch_stats(params_or_model)
 
 
+@traces_builders_once
 def params_to_torch(
     params_or_model: Any,
     torch_module: Any,

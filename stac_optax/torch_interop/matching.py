@@ -19,9 +19,12 @@ takes a module whose parameters do not map one to one (fused attention).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -42,6 +45,59 @@ from stac_optax.torch_interop.layouts import (
 
 MATCH_MODES = ("names", "order")
 
+# -- a builder is traced once per public call -----------------------------------
+
+_TRACED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("stac_optax_traced", default=None)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def _trace_builders_once() -> Iterator[None]:
+  token = _TRACED.set({}) if _TRACED.get() is None else None
+  try:
+    yield
+  finally:
+    if token is not None:
+      _TRACED.reset(token)
+
+
+def traces_builders_once(fn: _F) -> _F:
+  """Within one call of ``fn``, what is read from a builder target (its
+  shapes, its module order) is traced once, not once per use."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with _trace_builders_once():
+      return fn(*args, **kwargs)
+
+  return wrapper  # type: ignore[return-value]
+
+
+def _once(kind: str, target: Any, compute: Callable[[], Any]) -> Any:
+  cache = _TRACED.get()
+  if cache is None or not order_lib.is_builder(target):
+    return compute()
+  key = (kind, id(target))  # the target lives as long as the call
+  if key not in cache:
+    cache[key] = compute()
+  return cache[key]
+
+
+def counted_modules(target: Any):
+  """:func:`stac_optax.partition_modules` of ``target`` with every parameter
+  trainable and no cap: the counted modules in registration order."""
+  return _once("modules", target, lambda: partition_lib.partition_modules(target, last_n_modules=0))
+
+
+def partition_of(target: Any, trainable: Any = None, **cap: Any):
+  """:func:`stac_optax.partition_modules` of ``target``, from the one trace
+  of a builder where nothing is frozen."""
+  if trainable is not None:
+    return partition_lib.partition_modules(target, trainable=trainable, **cap)
+  return partition_lib.partition_modules(
+      counted_modules(target), **(cap or {"last_n_ratio": partition_lib.DEFAULT_LAST_N_RATIO})
+  )
+
 
 def flax_params(target: Any) -> Any:
   """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
@@ -49,7 +105,7 @@ def flax_params(target: Any) -> Any:
   builder (``lambda: Net(...)``), that of what it builds, as
   ``jax.ShapeDtypeStruct`` leaves (it is traced, not run)."""
   if order_lib.is_builder(target):
-    return jax.eval_shape(lambda: flax_params(target()))
+    return _once("params", target, lambda: jax.eval_shape(lambda: flax_params(target())))
   if is_nnx_module(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -64,7 +120,7 @@ def flax_batch_stats(target: Any) -> Any | None:
   state (plain arrays), a linen variables dict's ``batch_stats``; ``None``
   for a params tree (which has none)."""
   if order_lib.is_builder(target):
-    return jax.eval_shape(lambda: flax_batch_stats(target()))
+    return _once("batch_stats", target, lambda: jax.eval_shape(lambda: flax_batch_stats(target())))
   if is_nnx_module(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -125,7 +181,7 @@ def _torch_units(torch_module: Any, converters: Sequence[ModuleConverter]) -> li
 def _flax_modules(target: Any, aliases: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
   """``(module path, leaf paths)`` of the Flax side's counted modules, in
   the registration order :func:`stac_optax.partition_modules` reads."""
-  part = partition_lib.partition_modules(target, last_n_modules=0)
+  part = counted_modules(target)
   return [
       (m.name, tuple(aliases.get(p, p) for p in m.parameter_names)) for m in part.modules
   ]
@@ -135,7 +191,7 @@ def _tree_aliases(target: Any) -> dict[str, str]:
   """``{owner path: tree path}``: a tied NNX variable shows in the state
   under its sorted-first path, not its first owner's."""
   if is_nnx_module(target) or order_lib.is_builder(target):
-    part = partition_lib.partition_modules(target, last_n_modules=0)
+    part = counted_modules(target)
     return {owner: alias for alias, owner in part.parameter_aliases}
   return {}
 
@@ -215,6 +271,7 @@ def _check_match_mode(match: str) -> None:
     raise ValueError(f"match must be 'names' or 'order', got {match!r}.")
 
 
+@traces_builders_once
 def match_parameters(
     torch_module: Any,
     target: Any,

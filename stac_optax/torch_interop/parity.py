@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stac_optax import partition as partition_lib
 from stac_optax._tree import is_nnx_module, leaves_with_names
 from stac_optax.stac import stac
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import _tree_from_values, params_from_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
-from stac_optax.torch_interop.matching import match_parameters
+from stac_optax.torch_interop.matching import match_parameters, partition_of, traces_builders_once
 from stac_optax.torch_interop.runs import _torch_split, flax_cap_size, trainable_from_torch
 
 _CAP_ARGS = ("last_n_modules", "last_n_ratio", "adamw_ratio")
@@ -185,6 +184,7 @@ def _flax_grad_fn(target: Any, flax_loss: Callable) -> Callable:
   return jax.jit(jax.value_and_grad(loss_of))
 
 
+@traces_builders_once
 def check_parity(
     torch_module: Any,
     target: Any,
@@ -277,7 +277,7 @@ def check_parity(
     cap_args = {"last_n_modules": flax_last_n_modules}
   else:
     cap_args = {k: stac_kwargs[k] for k in _CAP_ARGS if k in stac_kwargs}
-  partition = partition_lib.partition_modules(target, trainable=trainable, **cap_args)
+  partition = partition_of(target, trainable, **cap_args)
   aliases = dict(partition.parameter_aliases)  # tree path -> owner path
   owner = lambda m: aliases.get(m.flax_name, m.flax_name)  # noqa: E731
   torch_cap = tuple(optimizer.partition.adamw_module_names)
@@ -285,7 +285,7 @@ def check_parity(
   torch_cap_flax = {owner(m) for m in matches if m.torch_name in torch_cap_params}
   partition_matches = torch_cap_flax == set(partition.adamw_parameter_names)
   n_equivalent = flax_cap_size(partition, tuple(torch_cap_params), matches)
-  same = partition_lib.partition_modules(target, trainable=trainable, last_n_modules=n_equivalent)
+  same = partition_of(target, trainable, last_n_modules=n_equivalent)
   equivalent = n_equivalent if set(same.adamw_parameter_names) == torch_cap_flax else None
   torch_count = sum(len(v) for v in _torch_split(module, 0).values())
 

@@ -19,7 +19,12 @@ from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_dec
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
-from stac_optax.torch_interop.matching import flax_params, match_parameters
+from stac_optax.torch_interop.matching import (
+  flax_params,
+  match_parameters,
+  partition_of,
+  traces_builders_once,
+)
 
 
 def trainable_from_torch(torch_module: Any, matches) -> Any:
@@ -534,6 +539,7 @@ def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
       )
 
 
+@traces_builders_once
 def from_torch(
     torch_module: Any,
     optimizer_or_state_dict: Any,
@@ -598,9 +604,9 @@ def from_torch(
   trainable = trainable_from_torch(torch_module, matches)
   torch_cap = groups["adamw"][1]["param_names"] if "adamw" in groups else ()
   n_cap = flax_cap_size(
-      partition_lib.partition_modules(target, last_n_modules=0, trainable=trainable), torch_cap, matches
+      partition_of(target, trainable, last_n_modules=0), torch_cap, matches
   )
-  partition = partition_lib.partition_modules(target, last_n_modules=n_cap, trainable=trainable)
+  partition = partition_of(target, trainable, last_n_modules=n_cap)
   _check_same_split(groups, partition, matches, names)
 
   params = params_from_torch(torch_module, target, **how)
@@ -687,6 +693,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
   return count, flat
 
 
+@traces_builders_once
 def to_torch(
     params_or_model: Any,
     opt_state: STACState,
