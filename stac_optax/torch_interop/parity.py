@@ -132,8 +132,8 @@ class ParityReport:
           "losses (PyTorch, Flax): "
           + ", ".join(f"({t:.6g}, {f:.6g})" for t, f in b.losses)
           + f"; max rel diff {b.loss_max_rel_diff:.2e}",
-          f"gradients: max |diff| {b.grad_max_abs_diff:.3e} ({b.worst_grad_parameter}), "
-          f"{b.grad_max_scaled_diff:.2e} of that parameter's largest gradient",
+          f"gradients: max |diff| {b.grad_max_abs_diff:.3e}; relative to a parameter's largest "
+          f"gradient at most {b.grad_max_scaled_diff:.2e} ({b.worst_grad_parameter})",
           f"gradient signs that differ: {b.sign_mismatch_fraction:.3%} of elements "
           f"(|g| <= {b.sign_mismatch_max_abs_grad:.2e}); each is a 2 * lr step apart in the trunk",
           f"own gradients: max parameter |diff| {b.own_grads_max_abs_diff:.3e}, "
