@@ -291,7 +291,7 @@ def check_parity(
 
   tx_kwargs = {k: v for k, v in stac_kwargs.items() if k not in _CAP_ARGS}
   tx = stac(partition, **tx_kwargs)
-  update = jax.jit(tx.update)
+  update = _jitted_step(tx)
   state = tx.init(params)
   section = {n: "cap" for n in partition.adamw_parameter_names}
   worst = {i: [0.0, 0.0, True] for i in range(len(matches))}
@@ -343,8 +343,7 @@ def check_parity(
       p.grad = torch.from_numpy(grads_np[name].copy()).to(p.dtype) if p.requires_grad else None
     optimizer.step()
     grads = _tree_from_values(params, {m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches})
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = update(grads, state, params)
     flat = dict(leaves_with_names(params))
     current = dict(module.named_parameters())
     for i, m in enumerate(matches):
@@ -400,6 +399,17 @@ def check_parity(
   )
 
 
+def _jitted_step(tx) -> Callable:
+  """``(grads, state, params) -> (params, state)``, one compiled function (an
+  eager ``optax.apply_updates`` compiles an addition per leaf shape)."""
+
+  def step(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step)
+
+
 def _own_gradient_run(module, params, matches, optimizer, tx, update, grad_fn, torch_grads,
                       torch_batches, flax_batches, rtol, atol) -> tuple[float, float]:
   """Both frameworks step on their own gradients of the same batches:
@@ -411,8 +421,7 @@ def _own_gradient_run(module, params, matches, optimizer, tx, update, grad_fn, t
     torch_grads(module, tb)
     optimizer.step()
     _, grads = grad_fn(params, fb)
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = update(grads, state, params)
     flat = dict(leaves_with_names(params))
     current = dict(module.named_parameters())
     last = t == len(torch_batches) - 1
