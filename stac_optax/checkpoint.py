@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from stac_optax import partition as partition_lib
-from stac_optax.partition import STACPartition
+from stac_optax.partition import ADAMW, SIGN, STACPartition
 from stac_optax.stac import STACState
 
 _GROUPS = ("sign", "adamw", "frozen")
@@ -99,7 +99,12 @@ def _compare_params(part: STACPartition, params: Any) -> list[str]:
   got = {owner_of.get(n, n): shape for n, shape in got.items()}
   shapes = dict(part.parameter_shapes)
   problems = []
-  for section, names in (("trunk", part.sign_parameter_names), ("cap", part.adamw_parameter_names)):
+  sections = {"sign": "trunk", "adamw": "cap"}
+  for section in ("trunk", "cap"):
+    names = [
+        n for n in part.trainable_array_names
+        if sections.get(part.label_of(n), "trunk") == section  # a cut stacked array: trunk
+    ]
     missing = [n for n in names if n not in got]
     if missing:
       problems.append(f"the params lack {section} parameter(s) {partition_lib._short_list(missing)}")  # pylint: disable=protected-access
@@ -108,7 +113,7 @@ def _compare_params(part: STACPartition, params: Any) -> list[str]:
         for n in names if n in got and n in shapes and got[n] != shapes[n]
     ]
     problems += reshaped[:4]
-  known = set(part.sign_parameter_names + part.adamw_parameter_names + part.frozen_parameter_names)
+  known = set(part.trainable_array_names + part.frozen_parameter_names)
   extra = sorted(set(got) - known)
   if extra:
     problems.append(f"the params hold parameters outside the partition: {partition_lib._short_list(extra)}")  # pylint: disable=protected-access
@@ -117,9 +122,8 @@ def _compare_params(part: STACPartition, params: Any) -> list[str]:
 
 def _moved_modules(part: STACPartition, cap_parameter_names: Sequence[str]) -> list[str]:
   """Names the modules whose section differs between a state's cap and ``part``."""
-  module_of = {p: m.name for m in part.modules for p in m.parameter_names}
   position = {name: i for i, name in enumerate(part.module_names)}
-  in_state = {module_of[n] for n in cap_parameter_names if n in module_of}
+  in_state = {m for n in cap_parameter_names for m in part.modules_of_entry(n)}
   in_part = set(part.adamw_module_names)
   into_cap = [m for m in part.adamw_module_names if m not in in_state]
   out_of_cap = [m for m in part.module_names if m in in_state - in_part]
@@ -187,11 +191,7 @@ def validate_state(
         "not a STAC optimizer state: it holds no 'nonfinite_skipped_steps' "
         f"(got {type(opt_state).__name__}); was it made by stac_optax.stac?"
     )
-  shapes = dict(part.parameter_shapes) or None
   owner_of = dict(part.parameter_aliases)
-
-  def expected(names):
-    return {n: (shapes.get(n) if shapes else None) for n in names}
 
   problems: list[str] = []
   for state in states:
@@ -211,7 +211,7 @@ def validate_state(
       if field == "mu":
         problems += _moved_modules(part, [owner_of.get(n, n) for n in got])
       problems += _compare(
-          f"cap moments {field!r}", got, expected(part.adamw_parameter_names), owner_of,
+          f"cap moments {field!r}", got, part.state_entries(ADAMW), owner_of,
       )
     trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
     momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
@@ -225,7 +225,7 @@ def validate_state(
         )
     else:
       problems += _compare(
-          "trunk momentum", got_trunk, expected(part.sign_parameter_names), owner_of
+          "trunk momentum", got_trunk, part.state_entries(SIGN), owner_of
       )
     frozen = _names_and_shapes(_child(inner["frozen"], "inner_state", "frozen"))
     if frozen:

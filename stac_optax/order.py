@@ -79,6 +79,8 @@ class Discovery:
   """What a walk in creation order found.
 
   Attributes:
+    from_dict_order: the order was read from dict insertion order (a tree),
+      rather than from NNX's record of attribute assignments.
     node_paths: every node, pre-order.
     parameters: candidate parameters (first owner only) with their leaves;
       from a builder, the leaves are ``jax.ShapeDtypeStruct``.
@@ -88,6 +90,7 @@ class Discovery:
   node_paths: list[Path]
   parameters: list[tuple[Path, Any]]
   aliases: dict[str, str]
+  from_dict_order: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def _discover_value(obj: Any, check_order: bool, candidate: Any, *, what: str) -
   found, levels = _discover_tree(tree)
   if check_order:
     check_tree_order(levels, found.parameters)
-  return found
+  return dataclasses.replace(found, from_dict_order=True)
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +203,8 @@ def _abstract(leaf: Any) -> Any:
   NNX variables keep their type and metadata (for NNX filters)."""
   value = _tree.unbox(leaf)
   abstract = jax.ShapeDtypeStruct(np.shape(value), _dtype_of(value))
+  if hasattr(leaf, "replace_boxed"):  # linen boxes keep their axis names
+    return leaf.replace_boxed(abstract)
   if _tree.is_parameter_leaf(leaf) and hasattr(leaf, "replace"):
     try:
       return leaf.replace(abstract)

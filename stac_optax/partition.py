@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stac_optax import order as order_lib
+from stac_optax import stacked as stacked_lib
 from stac_optax._tree import (  # noqa: F401  (the helpers' old home, still imported here)
     ROOT,
     Path,
@@ -187,6 +188,12 @@ class STACPartition:
       variables, which ``nnx.state`` lists under their sorted-first path).
     parameter_shapes: ``(owner path, shape)`` of every parameter; trees given
       to :meth:`labels` must have these shapes (empty: not checked).
+    stacked_modules: ``(path, layer axis, layers)`` of each stacked
+      (scanned) module. Its sub-modules are counted once per layer, under
+      the unrolled names (``blocks/3/up``), and so are their parameters
+      (``blocks/3/up/kernel``, layer 3 of the array ``blocks/up/kernel``).
+      A stacked array whose layers fall on both sides of the cap boundary
+      is cut along its layer axis by :meth:`split`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -204,6 +211,7 @@ class STACPartition:
   frozen_parameter_names: tuple[str, ...] = ()
   parameter_aliases: tuple[tuple[str, str], ...] = ()
   parameter_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+  stacked_modules: tuple[tuple[str, int, int], ...] = ()
 
   def __post_init__(self):
     if not 0 <= self.resolved_last_n_modules <= len(self.modules):
@@ -211,6 +219,8 @@ class STACPartition:
           f"resolved_last_n_modules must be in [0, {len(self.modules)}], got "
           f"{self.resolved_last_n_modules}."
       )
+    if self.stacked_modules:
+      self._plan  # noqa: B018  (checks that every stacked array splits once)
 
   # -- sections -------------------------------------------------------------
 
@@ -256,9 +266,79 @@ class STACPartition:
   # -- labels ---------------------------------------------------------------
 
   @functools.cached_property
-  def _label_of(self) -> dict[str, str]:
+  def _section_of(self) -> dict[str, str]:
+    """Counted parameter name (per layer for stacked arrays) -> section."""
     table = {name: SIGN for name in self.sign_parameter_names}
     table.update({name: ADAMW for name in self.adamw_parameter_names})
+    return table
+
+  def _stack_of(self, leaf_name: str) -> tuple[int, int] | None:
+    """``(layer axis, layers)`` of a leaf under a stacked module, else None."""
+    for name, axis, layers in self.stacked_modules:
+      if not name or leaf_name.startswith(name + "/"):
+        return axis, layers
+    return None
+
+  @functools.cached_property
+  def _layer_of(self) -> dict[str, tuple[str, int]]:
+    """Per-layer parameter name -> (the stacked array's name, layer)."""
+    out = {}
+    for name, _, _ in self.stacked_modules:
+      prefix = name + "/" if name else ""
+      for param in self._section_of:
+        if param.startswith(prefix):
+          head, _, rest = param[len(prefix):].partition("/")
+          if head.isdigit() and rest:
+            out[param] = (prefix + rest, int(head))
+    return out
+
+  @functools.cached_property
+  def _plan(self) -> dict[str, Any]:
+    """Trainable array name -> its section, or ``(axis, k)`` for an array
+    whose first ``k`` layers are in the trunk and the others in the cap."""
+    plan: dict[str, Any] = {}
+    by_layer: dict[str, dict[int, str]] = {}
+    for param, section in sorted(
+        self._section_of.items(), key=lambda kv: self._order_of[kv[0]]
+    ):
+      if param in self._layer_of:
+        leaf, layer = self._layer_of[param]
+        plan.setdefault(leaf, None)
+        by_layer.setdefault(leaf, {})[layer] = section
+      else:
+        plan[param] = section
+    for leaf, sections in by_layer.items():
+      axis, layers = self._stack_of(leaf)  # type: ignore[misc]
+      labels = [sections.get(i) for i in range(layers)]
+      if None in labels:
+        raise ValueError(
+            f"stacked parameter {leaf!r} has {layers} layers but the partition "
+            f"counts layers {sorted(sections)} of it."
+        )
+      k = labels.count(SIGN)
+      if labels != [SIGN] * k + [ADAMW] * (layers - k):
+        raise ValueError(
+            f"module_order puts layers of the stacked parameter {leaf!r} in the "
+            f"cap before others in the trunk ({''.join('s' if x == SIGN else 'a' for x in labels)}"
+            " by layer, s: trunk, a: cap); the cap of a stacked array must be "
+            "its last layers. Keep each stacked module's layers in order."
+        )
+      plan[leaf] = labels[0] if k in (0, layers) else (axis, k)
+    return plan
+
+  @functools.cached_property
+  def _order_of(self) -> dict[str, int]:
+    names = self.sign_parameter_names + self.adamw_parameter_names
+    return {name: i for i, name in enumerate(names)}
+
+  @functools.cached_property
+  def _label_of(self) -> dict[str, Any]:
+    """Array name (as trees show it) -> label; a split array's label is a
+    :class:`~stac_optax.stacked.LayerSplit` of two labels."""
+    table: dict[str, Any] = {
+        name: stacked_lib.LayerSplit(SIGN, ADAMW) if isinstance(plan, tuple) else plan
+        for name, plan in self._plan.items()
+    }
     table.update({name: FROZEN for name in self.frozen_parameter_names})
     for alias, owner in self.parameter_aliases:
       table[alias] = table[owner]
@@ -268,12 +348,84 @@ class STACPartition:
   def _owner_of(self) -> dict[str, str]:
     return dict(self.parameter_aliases)
 
-  def label_of(self, name: str) -> str:
-    """The label (``sign``, ``adamw`` or ``frozen``) of one parameter path."""
+  @property
+  def trainable_array_names(self) -> tuple[str, ...]:
+    """The names of the trainable arrays as trees show them (a stacked array
+    once, where :attr:`sign_parameter_names` and
+    :attr:`adamw_parameter_names` list one name per layer)."""
+    return tuple(self._plan)
+
+  @property
+  def splits_layers(self) -> bool:
+    """Whether some stacked array has layers in both the trunk and the cap."""
+    return any(isinstance(plan, tuple) for plan in self._plan.values())
+
+  @property
+  def stacked_axes(self) -> dict[str, int]:
+    """Stacked module path -> its layer axis."""
+    return {name: axis for name, axis, _ in self.stacked_modules}
+
+  def label_of(self, name: str) -> Any:
+    """The label (``sign``, ``adamw`` or ``frozen``) of one parameter path.
+
+    For a stacked module, ``name`` may be a per-layer name
+    (``blocks/3/up/kernel``); the name of a stacked array cut by the cap
+    boundary gives ``LayerSplit('sign', 'adamw')``.
+    """
+    if name in self._section_of:
+      return self._section_of[name]
     try:
       return self._label_of[name]
     except KeyError:
       raise ValueError(self._unknown_message([name])) from None
+
+  def _split_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    shape = dict(self.parameter_shapes).get(name)
+    plan = self._plan.get(name)
+    if shape is None or not isinstance(plan, tuple):
+      return None
+    axis, k = plan
+    trunk, cap = list(shape), list(shape)
+    trunk[axis], cap[axis] = k, shape[axis] - k
+    return tuple(trunk), tuple(cap)
+
+  def state_entries(self, section: str) -> dict[str, tuple[int, ...] | None]:
+    """Names and shapes of the per-parameter state of one section.
+
+    ``section`` is ``'sign'`` or ``'adamw'``. The names are those of the
+    optimizer state's leaves: parameter names, and ``<name>/<trunk>`` or
+    ``<name>/<cap>`` for the part of a split stacked array the section holds.
+    Shapes are ``None`` where the partition does not know them.
+    """
+    shapes = dict(self.parameter_shapes)
+    key = stacked_lib.TRUNK_KEY if section == SIGN else stacked_lib.CAP_KEY
+    out: dict[str, tuple[int, ...] | None] = {}
+    for name, plan in self._plan.items():
+      if plan == section:
+        out[name] = shapes.get(name)
+      elif isinstance(plan, tuple):
+        split = self._split_shapes(name)
+        out[f"{name}/{key}"] = None if split is None else split[section != SIGN]
+    return out
+
+  def modules_of_entry(self, entry: str) -> tuple[str, ...]:
+    """The counted modules whose parameters a state entry holds (see
+    :meth:`state_entries`); empty for a name the partition does not know."""
+    leaf, section = entry, None
+    for key, sec in ((stacked_lib.TRUNK_KEY, SIGN), (stacked_lib.CAP_KEY, ADAMW)):
+      if entry.endswith("/" + key):
+        leaf, section = entry[: -len(key) - 1], sec
+    leaf = self._owner_of.get(leaf, leaf)
+    module_of = {p: m.name for m in self.modules for p in m.parameter_names}
+    if leaf in module_of:
+      return (module_of[leaf],)
+    return tuple(
+        dict.fromkeys(
+            module_of[p]
+            for p, (array, _) in self._layer_of.items()
+            if array == leaf and (section is None or self._section_of[p] == section)
+        )
+    )
 
   def labels(self, tree: Any) -> Any:
     """The label of every leaf of ``tree``, as a tree of the same structure.
@@ -281,38 +433,59 @@ class STACPartition:
     ``tree`` is any tree with this partition's parameter paths (params,
     gradients, updates, NNX ``State``), in any dict order. Each trainable
     parameter must be present; frozen ones may be left out. This is the
-    ``param_labels`` given to :func:`optax.partition`.
+    ``param_labels`` given to :func:`optax.partition`. A stacked array that
+    the cap boundary cuts must come split (see :meth:`split`); its label is
+    ``LayerSplit('sign', 'adamw')``.
 
     Raises:
       ValueError: a leaf whose path the partition does not know, a leaf
-        whose shape is not the parameter's, or a trainable parameter missing
-        from ``tree``.
+        whose shape is not the parameter's, a trainable parameter missing
+        from ``tree``, or a stacked array to be split given whole.
     """
     if is_params_placeholder(tree):
       return tree  # optax.tree.map_params: the placeholder marks params-shaped trees
-    names = leaves_with_names(tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stacked_lib.is_unit)
+    names = [(path_name(path), unit) for path, unit in flat]
     unknown = [name for name, _ in names if name not in self._label_of]
     if unknown:
       raise ValueError(self._unknown_message(unknown))
     shapes = dict(self.parameter_shapes)
-    reshaped = [
-        f"{name!r} has shape {np.shape(_unbox(leaf))}, the parameter "
-        f"{shapes[owner]}"
-        for name, leaf in names
-        if (owner := self._owner_of.get(name, name)) in shapes
-        and tuple(np.shape(_unbox(leaf))) != shapes[owner]
-    ]
+    reshaped, whole = [], []
+    for name, unit in names:
+      owner = self._owner_of.get(name, name)
+      split = self._split_shapes(owner)
+      if stacked_lib.is_layer_split(unit):
+        got = (tuple(np.shape(_unbox(unit.trunk))), tuple(np.shape(_unbox(unit.cap))))
+        if split is None or got != split:
+          reshaped.append(
+              f"{name!r} is split into {got[0]} and {got[1]}, "
+              + (f"the partition splits it into {split[0]} and {split[1]}" if split
+                 else "the partition does not split it")
+          )
+      elif isinstance(self._plan.get(owner), tuple):
+        whole.append(name)
+      elif owner in shapes and tuple(np.shape(_unbox(unit))) != shapes[owner]:
+        reshaped.append(
+            f"{name!r} has shape {np.shape(_unbox(unit))}, the parameter {shapes[owner]}"
+        )
     if reshaped:
       raise ValueError(
           "the tree does not have the shapes this STAC partition was built "
           "for: " + "; ".join(reshaped[:8]) + "."
       )
+    if whole:
+      cuts = ", ".join(
+          f"{n!r} (layers 0-{self._plan[self._owner_of.get(n, n)][1] - 1} trunk)"
+          for n in whole[:4]
+      )
+      raise ValueError(
+          f"the cap boundary falls inside stacked parameter(s) {cuts}: their "
+          "trunk layers take the sign step and the rest AdamW, so the tree must "
+          "be cut first: give partition.split(tree) to optax.partition and "
+          "partition.merge(updates) to optax.apply_updates (stac does both)."
+      )
     present = {self._owner_of.get(name, name) for name, _ in names}
-    missing = [
-        p
-        for p in self.sign_parameter_names + self.adamw_parameter_names
-        if p not in present
-    ]
+    missing = [p for p in self._plan if p not in present]
     if missing and not names:
       raise ValueError(
           f"the tree given to STAC has no leaves at all, but this partition "
@@ -337,8 +510,55 @@ class STACPartition:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: self._label_of[path_name(path)],
         tree,
-        is_leaf=is_parameter_leaf,
+        is_leaf=stacked_lib.is_unit,
     )
+
+  def split(self, tree: Any) -> Any:
+    """``tree`` with each stacked array that the cap boundary cuts replaced
+    by a :class:`~stac_optax.stacked.LayerSplit` of its trunk and cap layers.
+
+    The identity when no array is cut. ``tree`` is params, gradients or
+    updates (arrays or ``jax.ShapeDtypeStruct``); boxed leaves are unboxed
+    where they are cut. :meth:`merge` puts the pieces back together.
+    """
+    if not self.splits_layers or is_params_placeholder(tree):
+      return tree
+
+    def cut(path, unit):
+      name = path_name(path)
+      plan = self._plan.get(self._owner_of.get(name, name))
+      if stacked_lib.is_layer_split(unit) or not isinstance(plan, tuple):
+        return unit
+      axis, k = plan
+      return stacked_lib.cut_layers(_unbox(unit), axis, k)
+
+    return jax.tree_util.tree_map_with_path(cut, tree, is_leaf=stacked_lib.is_unit)
+
+  def merge(self, tree: Any, like: Any = None) -> Any:
+    """The inverse of :meth:`split`: each ``LayerSplit`` concatenated back
+    along its layer axis.
+
+    ``like``, the tree that was split, gives explicitly sharded results
+    (``jax.sharding.AxisType.Explicit``) their sharding back where the cut
+    had to gather the layer axis.
+    """
+    if not self.splits_layers:
+      return tree
+    originals = {}
+    if like is not None:
+      originals = {
+          path_name(p): _unbox(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=stacked_lib.is_unit)[0]
+      }
+
+    def join(path, unit):
+      if not stacked_lib.is_layer_split(unit):
+        return unit
+      name = path_name(path)
+      axis, _ = self._plan[self._owner_of.get(name, name)]
+      return stacked_lib.join_layers(unit, axis, originals.get(name))
+
+    return jax.tree_util.tree_map_with_path(join, tree, is_leaf=stacked_lib.is_unit)
 
   def _unknown_message(self, unknown: Sequence[str]) -> str:
     hint = ""
@@ -382,6 +602,7 @@ class STACPartition:
         "frozen_parameters": list(self.frozen_parameter_names),
         "parameter_aliases": [list(pair) for pair in self.parameter_aliases],
         "parameter_shapes": [[name, list(shape)] for name, shape in self.parameter_shapes],
+        "stacked_modules": [[name, axis, layers] for name, axis, layers in self.stacked_modules],
     }
 
   @classmethod
@@ -430,12 +651,22 @@ class STACPartition:
             and all(isinstance(d, int) and not isinstance(d, bool) for d in p[1]) for p in v),
         "a list of [path, [dims]] pairs",
     )
+    stacked = data.get("stacked_modules", [])  # absent from partitions saved before it
+    if not (isinstance(stacked, (list, tuple)) and all(
+        isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], str)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[1:])
+        for e in stacked)):
+      raise ValueError(
+          "saved STACPartition: 'stacked_modules' must be a list of [path, "
+          f"axis, layers] triples, got {stacked!r}."
+      )
     return cls(
         modules=tuple(ModuleGroup(m["name"], tuple(m["parameters"])) for m in modules),
         resolved_last_n_modules=cap,
         frozen_parameter_names=tuple(frozen),
         parameter_aliases=tuple((a, o) for a, o in aliases),
         parameter_shapes=tuple((n, tuple(s)) for n, s in shapes),
+        stacked_modules=tuple((n, a, n_layers) for n, a, n_layers in stacked),
     )
 
   def difference(self, other: STACPartition) -> str | None:
@@ -456,6 +687,11 @@ class STACPartition:
       >>> fresh.difference(shuffled)
       "module 'stem' moved: #0 of 3 (trunk) here, #2 of 3 (cap) there"
     """
+    if self.stacked_axes != other.stacked_axes:
+      return (
+          f"other stacked modules: {self.stacked_axes or 'none'} here, "
+          f"{other.stacked_axes or 'none'} there (path: layer axis)"
+      )
     mine, theirs = self.module_names, other.module_names
     if set(mine) != set(theirs):
       added = [m for m in theirs if m not in set(mine)]
@@ -651,6 +887,7 @@ def partition_modules(
     trainable: TrainableSpec | None = None,
     module_order: Sequence[str] | None = None,
     wrt: Any | None = None,
+    stacked_modules: Any | None = None,
 ) -> STACPartition:
   """Splits the counted modules of a model into the sign trunk and AdamW cap.
 
@@ -683,9 +920,22 @@ def partition_modules(
       (``<root>`` for root-owned parameters) exactly once. For trees whose
       dict order is not the creation order (anything rebuilt by
       ``jax.tree.map``, ``nnx.State``, loaded checkpoints); it also turns
-      off the lost-order check.
+      off the lost-order check. For a stacked module it may name the
+      per-layer modules (``blocks/0/up``, ...) or each of its sub-modules
+      once (``blocks/up``), an order that then holds in every layer.
     wrt: ``trainable`` under the name ``nnx.Optimizer`` gives it; give one
       of the two.
+    stacked_modules: the stacked (scanned) modules: a mapping from a module
+      path to the axis of its parameters that indexes its layers
+      (``{'blocks': 0}``; MaxText's ``{'decoder/layers': 1}``). A stacked
+      module of ``L`` layers counts as its sub-modules repeated ``L`` times,
+      named as the unrolled model names them (``blocks/0/up, blocks/0/down,
+      blocks/1/up, ...``). ``None`` (default) reads the layer axis from the
+      logical axis name ``'layers'`` where partitioned parameters carry one
+      (``nn.scan(..., metadata_params={nn.PARTITION_NAME: 'layers'})``,
+      ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: 'layers'})``);
+      a string reads another axis name; ``{}`` turns stacking off. See
+      ``docs/optimizer.md``, "Stacked (scanned) layers".
 
   Returns:
     A :class:`STACPartition`.
@@ -703,7 +953,9 @@ def partition_modules(
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
       level in sorted order, which a fresh model gives rarely by chance); see
-      :func:`stac_optax.order.check_tree_order`.
+      :func:`stac_optax.order.check_tree_order`. Also when the sub-modules
+      of a stacked module come from a dict in sorted order (``nn.scan``
+      returns them so) and ``module_order`` does not give their order.
 
   Example:
     >>> import jax.numpy as jnp
@@ -721,10 +973,11 @@ def partition_modules(
   del explicit, ratio  # validated before any walk; resolved below
 
   if isinstance(model_or_params, STACPartition):
-    if trainable is not None or module_order is not None or wrt is not None:
+    if (trainable is not None or module_order is not None or wrt is not None
+        or stacked_modules is not None):
       raise ValueError(
-          "trainable, wrt and module_order cannot be applied to an existing "
-          "STACPartition; build it again from the model or params."
+          "trainable, wrt, module_order and stacked_modules cannot be applied "
+          "to an existing STACPartition; build it again from the model or params."
       )
     if last_n_modules is None and last_n_ratio is None and adamw_ratio is None:
       return model_or_params  # keep its cap
@@ -768,14 +1021,21 @@ def partition_modules(
         )
     )
 
-  owned: dict[Path, list[str]] = {}
+  stacks = stacked_lib.resolve(stacked_modules, found.parameters, found.node_paths)
+  owned: dict[Path, list[Path]] = {}
   for path, _ in trainable_params:
-    owned.setdefault(tuple(path[:-1]), []).append(path_name(path))
+    owned.setdefault(tuple(path[:-1]), []).append(tuple(path))
   preorder = [p for p in found.node_paths if p in owned]
-  modules = [ModuleGroup(_module_name(p), tuple(owned[p])) for p in preorder]
-
-  if module_order is not None:
-    modules = _reorder(modules, module_order)
+  if stacks:
+    modules = _stacked_module_list(
+        preorder, owned, stacks, module_order, warn_sorted=found.from_dict_order
+    )
+  else:
+    modules = [
+        ModuleGroup(_module_name(p), tuple(path_name(q) for q in owned[p])) for p in preorder
+    ]
+    if module_order is not None:
+      modules = _reorder(modules, module_order)
 
   cap = resolve_adamw_cap_module_count(
       len(modules),
@@ -792,7 +1052,105 @@ def partition_modules(
           (path_name(p), tuple(int(d) for d in np.shape(_unbox(leaf))))
           for p, leaf in found.parameters
       ),
+      stacked_modules=tuple((s.name, s.axis, s.layers) for s in stacks),
   )
+
+
+def _stack_holding(module: Path, stacks: Sequence[stacked_lib.Stacked]) -> Any:
+  for stack in stacks:
+    if module[: len(stack.path)] == stack.path:
+      return stack
+  return None
+
+
+def _stacked_module_list(
+    preorder: list[Path],
+    owned: dict[Path, list[Path]],
+    stacks: Sequence[stacked_lib.Stacked],
+    module_order: Sequence[str] | None,
+    *,
+    warn_sorted: bool,
+) -> list[ModuleGroup]:
+  """The counted modules with each stacked module unrolled into its layers.
+
+  First each sub-module of a stacked module is one entry (``blocks/up``);
+  ``module_order`` may reorder that list (its order inside a stacked module
+  then holds in every layer). Each stacked module's entries are then
+  repeated once per layer, where its first entry stands, under per-layer
+  names; a ``module_order`` of per-layer names reorders that list instead.
+  """
+  collapsed = [ModuleGroup(_module_name(p), tuple(path_name(q) for q in owned[p])) for p in preorder]
+  path_of = {m.name: p for m, p in zip(collapsed, preorder, strict=True)}
+  names = [m.name for m in collapsed]
+  per_layer_order = None
+  if module_order is not None:
+    given = [str(n) for n in module_order] if isinstance(module_order, Sequence) else None
+    if given is not None and not isinstance(module_order, str) and sorted(given) == sorted(names):
+      collapsed = _reorder(collapsed, given)
+      for stack in stacks:
+        at = [i for i, m in enumerate(collapsed) if _stack_holding(path_of[m.name], [stack])]
+        if at and at != list(range(at[0], at[0] + len(at))):
+          raise ValueError(
+              f"module_order separates the sub-modules of stacked module "
+              f"{stack.name!r}: {_short_list([collapsed[i].name for i in at])} "
+              "must be listed together (they run together in every layer)."
+          )
+    else:
+      per_layer_order = module_order
+  elif warn_sorted:
+    for stack in stacks:
+      inner = [n for n in names if _stack_holding(path_of[n], [stack])]
+      if len(inner) > 1 and inner == sorted(inner):
+        example = ", ".join(repr(n) for n in names)
+        order_lib._warn(  # pylint: disable=protected-access
+            f"the sub-modules of stacked module {stack.name!r} "
+            f"({_short_list(inner)}) come in sorted order, which is how "
+            "nn.scan and jax return them, not necessarily the order they were "
+            "created: the cap may cut each layer in the wrong place. Give "
+            "module_order naming each sub-module once, in creation order: "
+            f"module_order=({example}) reordered as the block creates them."
+        )
+
+  modules: list[ModuleGroup] = []
+  done: set[str] = set()
+  for m in collapsed:
+    stack = _stack_holding(path_of[m.name], stacks)
+    if stack is None:
+      modules.append(m)
+      continue
+    if stack.name in done:
+      continue
+    done.add(stack.name)
+    members = [path_of[c.name] for c in collapsed if _stack_holding(path_of[c.name], [stack])]
+    for layer in range(stack.layers):
+      for member in members:
+        relative = member[len(stack.path):]
+        modules.append(
+            ModuleGroup(
+                stack.layer_name(layer, relative),
+                tuple(stack.layer_name(layer, q[len(stack.path):]) for q in owned[member]),
+            )
+        )
+  real = {path_name(q) for qs in owned.values() for q in qs}
+  clashes = sorted(
+      {p for m in modules for p in m.parameter_names if p in real}
+      - {p for m in collapsed if _stack_holding(path_of[m.name], stacks) is None
+         for p in m.parameter_names}
+  )
+  if clashes:
+    raise ValueError(
+        f"the per-layer names of the stacked modules clash with other "
+        f"parameters' names: {_short_list(clashes)}."
+    )
+  if per_layer_order is not None:
+    try:
+      modules = _reorder(modules, per_layer_order)
+    except ValueError as error:
+      raise ValueError(
+          f"{error} With stacked modules, module_order lists either every "
+          f"per-layer module or each stacked sub-module once: {_short_list(names, 12)}."
+      ) from None
+  return modules
 
 
 def _reorder(modules: list[ModuleGroup], module_order: Sequence[str]) -> list[ModuleGroup]:

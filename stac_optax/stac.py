@@ -3,7 +3,7 @@
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from stac_optax import partition as partition_lib
+from stac_optax import stacked as stacked_lib
 from stac_optax import transforms
 from stac_optax.guard import (
     NonFiniteGradientError,
@@ -90,10 +91,18 @@ def _check_learning_rate(learning_rate: Any) -> None:
 # --------------------------------------------------------------------------
 
 
-def _decays(path: Any, leaf: Any, *, exclude_bias: bool, exclude_1d: bool) -> bool:
+def _decays(
+    path: Any, leaf: Any, *, exclude_bias: bool, exclude_1d: bool, stacked: tuple[str, ...]
+) -> bool:
+  if path and isinstance(path[-1], stacked_lib.SplitKey):
+    path = path[:-1]  # one side of a stacked array cut at the cap boundary
   if exclude_bias and path and partition_lib.path_name(path[-1:]) == "bias":
     return False
-  if exclude_1d and jnp.ndim(partition_lib._unbox(leaf)) <= 1:  # pylint: disable=protected-access
+  ndim = jnp.ndim(partition_lib._unbox(leaf))  # pylint: disable=protected-access
+  name = partition_lib.path_name(path)
+  if any(not prefix or name.startswith(prefix + "/") for prefix in stacked):
+    ndim -= 1  # a layer's own parameter has one axis less
+  if exclude_1d and ndim <= 1:
     return False
   return True
 
@@ -103,18 +112,24 @@ def weight_decay_mask(
     *,
     exclude_bias: bool = True,
     exclude_1d: bool = True,
+    stacked_modules: Mapping[str, int] | None = None,
 ) -> Any:
   """Which leaves get decoupled weight decay under STAC's exemption rules.
 
   A leaf whose own (last) path key is ``bias`` is exempt when
   ``exclude_bias``; a leaf with ``ndim <= 1`` (biases, norm scales, scalars)
-  is exempt when ``exclude_1d``. Use it as ``mask=`` of :func:`optax.adamw`
-  for an AdamW baseline with STAC's exemptions.
+  is exempt when ``exclude_1d``. Under a stacked module the rule applies to
+  each layer: a stacked norm scale of shape ``(L, d)`` is exempt. Use it as
+  ``mask=`` of :func:`optax.adamw` for an AdamW baseline with STAC's
+  exemptions.
 
   Args:
     params: a parameter (or update) tree.
     exclude_bias: exempt leaves named ``bias``.
-    exclude_1d: exempt leaves with ``ndim <= 1``.
+    exclude_1d: exempt leaves with ``ndim <= 1`` (per layer, under a
+      stacked module).
+    stacked_modules: the stacked modules, path -> layer axis, as given to
+      :func:`stac_optax.stac` (``STACPartition.stacked_axes`` holds them).
 
   Returns:
     A tree of bools with the structure of ``params``.
@@ -126,12 +141,49 @@ def weight_decay_mask(
     ...     {'dense': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
     ...      'norm': {'scale': jnp.ones(2)}})
     {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
+    >>> stac_optax.weight_decay_mask(  # six stacked layers
+    ...     {'blocks': {'up': {'kernel': jnp.zeros((6, 3, 2))}, 'norm': {'scale': jnp.ones((6, 2))}}},
+    ...     stacked_modules={'blocks': 0})
+    {'blocks': {'norm': {'scale': False}, 'up': {'kernel': True}}}
   """
+  if stacked_modules is not None and not isinstance(stacked_modules, Mapping):
+    raise TypeError(
+        "stacked_modules must be a mapping from a stacked module's path to its "
+        f"layer axis (e.g. {{'blocks': 0}}), got {stacked_modules!r}."
+    )
+  stacked = tuple(str(name).strip("/") for name in (stacked_modules or {}))
   return jax.tree_util.tree_map_with_path(
-      functools.partial(_decays, exclude_bias=exclude_bias, exclude_1d=exclude_1d),
+      functools.partial(
+          _decays, exclude_bias=exclude_bias, exclude_1d=exclude_1d, stacked=stacked
+      ),
       params,
       is_leaf=partition_lib.is_parameter_leaf,
   )
+
+
+def _split_layers(
+    tx: optax.GradientTransformationExtraArgs, partition: partition_lib.STACPartition
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` run on trees whose stacked arrays are cut at the cap boundary.
+
+  Gradients and params are split (:meth:`STACPartition.split`) before ``tx``
+  sees them and its updates merged back, so ``tx``'s state holds the cap
+  moments of the cap layers only; ``tx``'s state is returned as it is.
+  """
+
+  def init_fn(params):
+    return tx.init(partition.split(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(
+        partition.split(updates),
+        state,
+        None if params is None else partition.split(params),
+        **extra_args,
+    )
+    return partition.merge(new_updates, like=updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------
@@ -171,6 +223,7 @@ def stac(
     mu_dtype: Any | None = None,
     wrt: Any | None = None,
     sign_update_dtype: Any | None = None,
+    stacked_modules: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAC: a SignSGD trunk and an AdamW cap.
 
@@ -248,6 +301,12 @@ def stac(
       updates). ``jnp.float32``: the trunk steps of half-precision leaves are
       carried in float32 and rounded once, when ``optax.apply_updates``
       stores ``p + u``, as ``stac-optimizer`` rounds them in PyTorch.
+    stacked_modules: stacked (scanned) modules, path -> layer axis
+      (``{'blocks': 0}``): each counts as its sub-modules once per layer,
+      and an array whose layers fall on both sides of the cap boundary is
+      cut along its layer axis, the cap layers alone getting AdamW moments.
+      ``None`` reads the axis name ``'layers'`` from partitioned params;
+      see :func:`partition_modules`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -315,6 +374,7 @@ def stac(
       trainable=trainable,
       module_order=module_order,
       wrt=wrt,
+      stacked_modules=stacked_modules,
   )
   hybrid = partition.is_hybrid
   if sign_weight_decay is None:
@@ -326,6 +386,7 @@ def stac(
       weight_decay_mask,
       exclude_bias=exclude_bias_from_weight_decay,
       exclude_1d=exclude_1d_from_weight_decay,
+      stacked_modules=partition.stacked_axes,
   )
   trunk = transforms.sign_trunk(
       _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate,
@@ -349,6 +410,7 @@ def stac(
       {SIGN: trunk, ADAMW: cap, FROZEN: transforms.keep_unchanged()},
       partition.labels,
   )
-  return guard_nonfinite(
+  guarded = guard_nonfinite(
       inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite
   )
+  return _split_layers(guarded, partition) if partition.splits_layers else guarded

@@ -4,6 +4,8 @@ import importlib.util
 import pathlib
 import sys
 
+import numpy as np
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -81,3 +83,15 @@ def test_equinox_training_trains_both_optimizers_with_a_two_module_cap():
     assert run["val_loss"] < 0.2 * run["initial_val_loss"], run
   assert stac["skipped_steps"] == 0
   assert stac["state_mib"] < 0.05 * adamw["state_mib"]
+
+
+def test_scanned_transformer_counts_layers_and_trains():
+  out = _load("scanned_transformer").main(["--steps", "30", "--layers", "3"])
+  part = out["partition"]
+  assert part.trainable_module_count == 3 * 8 + 4
+  assert part.module_names[2:4] == ("blocks/0/ln1", "blocks/0/attn/query")
+  assert part.splits_layers  # the default cap ends inside the last block
+  for name in ("STAC", "AdamW"):
+    run = out[name]
+    assert np.mean(run["losses"][-5:]) < 0.9 * np.mean(run["losses"][:5]), name
+  assert out["STAC"]["state_bytes"] < 0.3 * out["AdamW"]["state_bytes"]
