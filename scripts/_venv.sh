@@ -26,6 +26,11 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --ignore-requires-python --upgrade \
       --target "$venv/stac-optimizer-0.1.5" "stac-optimizer==0.1.5"
+    # torchvision's ResNet definition for the interop tests, unpacked into its
+    # own folder and never imported as a package: its compiled operators are
+    # built for another torch, and --no-deps keeps its torch pin out.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      --no-deps --upgrade --target "$venv/torchvision-0.29.1" "torchvision==0.29.1"
   fi
   echo "$want" >"$stamp"
 fi

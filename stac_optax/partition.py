@@ -498,6 +498,18 @@ class STACPartition:
       )
     present = {self._owner_of.get(name, name) for name, _ in names}
     missing = [p for p in self._plan if p not in present]
+    if missing and not names:
+      raise ValueError(
+          f"the tree given to STAC has no leaves at all, but this partition "
+          f"trains {len(missing)} parameter(s) ({_short_list(missing, 4)}). "
+          "nnx.Optimizer.update(model, grads) keeps only the entries of grads "
+          "that its wrt filter selects (nnx.Param by default), so gradients "
+          "as plain arrays (a dict, nnx.as_pure(...), jax.grad of a params "
+          "tree) arrive empty. Pass the nnx.State that nnx.grad returns, or "
+          "torch_interop.tree_from_torch(torch_module, grads, model), which "
+          "gives one for an NNX model; or call tx.update yourself with "
+          "plain-array params."
+      )
     if missing:
       raise ValueError(
           f"{len(missing)} trainable parameter(s) of this STAC partition are "

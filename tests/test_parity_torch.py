@@ -211,7 +211,7 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy()) if p.requires_grad else None
     opt.step()
-    updates, state = update(torch_interop.tree_from_torch(tm, grads, fm), state, params)
+    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
     params = optax.apply_updates(params, updates)
 
     got = torch_interop.tree_to_torch(params, tm, target=fm)
@@ -294,7 +294,7 @@ def test_error_if_nonfinite_raises_in_both(section, param):
   tx = stac_optax.stac(fm, error_if_nonfinite=True)
   section_name = {"sign": r"trunk \(sign section\)", "adamw": r"cap \(adamw section\)"}[section]
   with pytest.raises(RuntimeError, match=f"non-finite gradients in the STAC {section_name}"):
-    jax.block_until_ready(jax.jit(tx.update)(torch_interop.tree_from_torch(tm, grads, fm), tx.init(params), params))
+    jax.block_until_ready(jax.jit(tx.update)(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), tx.init(params), params))
 
 
 # -- the 0.1.x momentum variant against stac-optimizer 0.1.5 -------------------------
@@ -343,7 +343,7 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy())
     opt.step()
-    updates, state = update(torch_interop.tree_from_torch(tm, grads, fm), state, params)
+    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
     params = optax.apply_updates(params, updates)
     got = torch_interop.tree_to_torch(params, tm, target=fm)
     buffers = dict(stac_optax.partition.leaves_with_names(

@@ -38,7 +38,7 @@ def _torch_steps(tm, opt, rng, steps, nan_at=()):
 def _jax_steps(tx, params, state, tm, fm, rng, steps):
   update = jax.jit(tx.update)
   for _ in range(steps):
-    updates, state = update(torch_interop.tree_from_torch(tm, _grads(tm, rng), fm), state, params)
+    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, _grads(tm, rng), fm)), state, params)
     params = optax.apply_updates(params, updates)
   return params, state
 
@@ -203,3 +203,32 @@ def test_params_round_trip_and_conv_layout():
   fresh = torch.nn.Conv2d(3, 5, kernel_size=(2, 4))
   torch_interop.params_to_torch(conv_f, fresh)
   assert torch.equal(fresh.weight, conv_t.weight) and torch.equal(fresh.bias, conv_t.bias)
+
+
+def test_running_statistics_carry_into_nnx_batch_stats_and_back():
+  torch.manual_seed(0)
+  tm = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=0.1))
+  with torch.no_grad():
+    tm(torch.randn(16, 3))  # train mode: running statistics move
+  tm.eval()
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.BatchNorm(4, momentum=0.9, epsilon=1e-5, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.dense(x))
+
+  fm = Net(nnx.Rngs(0))
+  state = torch_interop.variables_from_torch(tm, fm, match="order")
+  assert type(state["norm"]["var"]) is nnx.BatchStat
+  nnx.update(fm, state)
+  np.testing.assert_array_equal(np.asarray(fm.norm.mean[...]), tm[1].running_mean.numpy())
+  x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(fm(jnp.asarray(x))), tm(torch.from_numpy(x)).detach().numpy(),
+                             rtol=1e-5, atol=1e-5)
+  fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+  torch_interop.params_to_torch(fm, fresh, match="order")
+  assert torch.equal(fresh[1].running_var, tm[1].running_var) and torch.equal(fresh[0].weight, tm[0].weight)
+  assert int(fresh[1].num_batches_tracked) == 0  # not carried: Flax counts no batches

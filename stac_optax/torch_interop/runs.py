@@ -1,36 +1,9 @@
-"""Moving STAC runs between PyTorch (``stac-optimizer``) and stac_optax.
-
-PyTorch is imported only when a function here is called. The functions match
-the parameters of a ``torch.nn.Module`` with those of a Flax model by module
-path (``blocks.5.fc2`` is ``blocks/5/fc2``) and convert layouts:
-
-=================================  =========================  ======================
-PyTorch module, parameter          Flax leaf                  layout
-=================================  =========================  ======================
-``Linear.weight`` (out, in)        ``kernel`` (in, out)       transposed
-``Conv{1,2,3}d.weight`` (O, I, k)  ``kernel`` (k, I, O)       axes moved
-``Embedding.weight``               ``embedding``              as is
-norm ``weight`` (LayerNorm, ...)   ``scale``                  as is
-any ``bias``                       ``bias``                   as is
-any other parameter ``name``       ``name``                   as is
-=================================  =========================  ======================
-
-``name_map={torch_name: flax_path}`` overrides the names where the rules do
-not fit; the layout then follows the Flax leaf (a 2-D ``kernel`` is
-transposed, a conv ``kernel`` has its axes moved).
-
-* :func:`params_from_torch` / :func:`params_to_torch`: weights.
-* :func:`from_torch`: a torch ``STAC`` run (module + optimizer) to the
-  stac_optax transformation, params and state that continue it exactly.
-* :func:`to_torch`: the reverse, into a torch module and its ``STAC``.
-* :func:`check_parity`: a report of how a torch model and a Flax model
-  partition and update under both implementations.
-"""
+"""Moving a STAC run (weights, cap moments, counters) between stac-optimizer
+and stac_optax, with every check of the torch state dict first."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -41,267 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stac_optax import order as order_lib
 from stac_optax import partition as partition_lib
 from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
-
-_NORM_TYPES = (
-    "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
+from stac_optax.torch_interop.layouts import ModuleConverter, assemble
+from stac_optax.torch_interop.matching import (
+  flax_params,
+  match_parameters,
+  partition_of,
+  traces_builders_once,
 )
-_CONV_TYPES = ("Conv1d", "Conv2d", "Conv3d")
-
-
-def _torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - exercised without torch only
-    raise ImportError(
-        "stac_optax.torch_interop needs PyTorch: pip install torch"
-    ) from e
-  return torch
-
-
-# --------------------------------------------------------------------------
-# Matching parameters
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ParameterMatch:
-  """One PyTorch parameter and the Flax leaf it corresponds to.
-
-  Attributes:
-    torch_name: e.g. ``blocks.5.fc2.weight``.
-    flax_name: e.g. ``blocks/5/fc2/kernel`` (the path in the params tree).
-    layout: ``"identity"``, ``"transpose"`` (linear) or ``"conv"``.
-    torch_shape: shape in PyTorch.
-    flax_shape: shape in Flax.
-  """
-
-  torch_name: str
-  flax_name: str
-  layout: str
-  torch_shape: tuple[int, ...]
-  flax_shape: tuple[int, ...]
-
-  def to_flax(self, value: Any) -> np.ndarray:
-    """A PyTorch-layout array (tensor or numpy) in this leaf's Flax layout."""
-    if hasattr(value, "detach"):
-      value = value.detach().cpu()
-      if value.dtype == _torch().bfloat16:
-        value = value.float()
-      value = value.numpy()
-    # a copy: a zero-copy view would let later in-place PyTorch steps
-    # change the JAX arrays made from it
-    value = np.array(value, copy=True)
-    if self.layout == "transpose":
-      return value.T
-    if self.layout == "conv":
-      return np.moveaxis(value, (0, 1), (-1, -2))
-    return value
-
-  def to_torch(self, value: Any) -> np.ndarray:
-    """A Flax-layout array in this parameter's PyTorch layout (numpy)."""
-    value = np.asarray(jax.device_get(value), dtype=np.float32)
-    if self.layout == "transpose":
-      return value.T
-    if self.layout == "conv":
-      return np.moveaxis(value, (-1, -2), (0, 1))
-    return value
-
-
-def flax_params(target: Any) -> Any:
-  """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
-  arrays), a linen variables dict's ``params``, or the tree itself; for a
-  builder (``lambda: Net(...)``), that of what it builds, as
-  ``jax.ShapeDtypeStruct`` leaves (it is traced, not run)."""
-  if order_lib.is_builder(target):
-    return jax.eval_shape(lambda: flax_params(target()))
-  if partition_lib._is_nnx_module(target):  # pylint: disable=protected-access
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    return nnx.as_pure(nnx.state(target, nnx.Param))
-  if partition_lib._looks_like_linen_variables(target):  # pylint: disable=protected-access
-    return target["params"]
-  return target
-
-
-def _default_flax_name(torch_module: Any, torch_name: str) -> tuple[str, str]:
-  module_name, _, leaf = torch_name.rpartition(".")
-  owner = torch_module.get_submodule(module_name) if module_name else torch_module
-  kind = type(owner).__name__
-  prefix = module_name.replace(".", "/") + "/" if module_name else ""
-  if leaf == "weight" and kind == "Linear":
-    return prefix + "kernel", "transpose"
-  if leaf == "weight" and kind in _CONV_TYPES:
-    return prefix + "kernel", "conv"
-  if leaf == "weight" and kind == "Embedding":
-    return prefix + "embedding", "identity"
-  if leaf == "weight" and kind in _NORM_TYPES:
-    return prefix + "scale", "identity"
-  return prefix + leaf, "identity"
-
-
-def _layout_for(flax_name: str, torch_ndim: int) -> str:
-  leaf = flax_name.rsplit("/", 1)[-1]
-  if leaf == "kernel" and torch_ndim == 2:
-    return "transpose"
-  if leaf == "kernel" and torch_ndim >= 3:
-    return "conv"
-  return "identity"
-
-
-def match_parameters(
-    torch_module: Any,
-    target: Any,
-    *,
-    name_map: Mapping[str, str] | None = None,
-) -> tuple[ParameterMatch, ...]:
-  """Matches every trainable PyTorch parameter with a Flax params leaf.
-
-  Args:
-    torch_module: the ``torch.nn.Module``.
-    target: the Flax side: an NNX module, a linen params or variables dict,
-      or a params tree.
-    name_map: ``{torch_name: flax_path}`` for parameters the rules do not
-      match.
-
-  Returns:
-    One :class:`ParameterMatch` per PyTorch parameter, in registration order.
-
-  Raises:
-    ValueError: a parameter without a Flax leaf, a Flax leaf without a
-      parameter, or shapes that do not agree; the message lists them all.
-
-  Example:
-    >>> import torch
-    >>> from flax import nnx
-    >>> from stac_optax import torch_interop
-    >>> conv = torch.nn.Conv2d(1, 4, 3)
-    >>> for m in torch_interop.match_parameters(conv, nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))):
-    ...   print(m.torch_name, m.torch_shape, '->', m.flax_name, m.flax_shape, m.layout)
-    weight (4, 1, 3, 3) -> kernel (3, 3, 1, 4) conv
-    bias (4,) -> bias (4,) identity
-  """
-  name_map = dict(name_map or {})
-  leaves = dict(partition_lib.leaves_with_names(flax_params(target)))
-  aliases = {}
-  if partition_lib._is_nnx_module(target) or order_lib.is_builder(target):  # pylint: disable=protected-access
-    # a tied NNX variable shows in the state under its sorted-first path
-    part = partition_lib.partition_modules(target, last_n_modules=0)
-    aliases = {owner: alias for alias, owner in part.parameter_aliases}
-  known = {n for n, _ in torch_module.named_parameters()}
-  stray = sorted(set(name_map) - known)
-  matches, problems, used = [], [], set()
-  for torch_name, param in torch_module.named_parameters():
-    if torch_name in name_map:
-      flax_name = name_map[torch_name]
-      layout = _layout_for(flax_name, param.ndim)
-    else:
-      flax_name, layout = _default_flax_name(torch_module, torch_name)
-    flax_name = aliases.get(flax_name, flax_name)
-    if flax_name not in leaves:
-      problems.append(f"{torch_name!r} -> {flax_name!r}: no such Flax leaf")
-      continue
-    match = ParameterMatch(
-        torch_name, flax_name, layout, tuple(param.shape), tuple(np.shape(leaves[flax_name]))
-    )
-    converted = match.to_flax(np.zeros(match.torch_shape, np.float32)).shape
-    if converted != match.flax_shape:
-      problems.append(
-          f"{torch_name!r} {match.torch_shape} -> {flax_name!r} {match.flax_shape}: "
-          f"shapes differ ({layout} layout gives {converted})"
-      )
-      continue
-    used.add(flax_name)
-    matches.append(match)
-  unmatched = sorted(set(leaves) - used)
-  if problems or unmatched or stray:
-    raise ValueError(
-        "PyTorch and Flax parameters do not match"
-        + "".join(f"\n  {p}" for p in problems)
-        + (f"\n  Flax leaves without a PyTorch parameter: {unmatched}" if unmatched else "")
-        + (f"\n  name_map names unknown PyTorch parameters: {stray}" if stray else "")
-        + "\nPass name_map={torch_name: flax_path} for the names the rules miss."
-    )
-  return tuple(matches)
-
-
-def _tree_from_values(target: Any, values: Mapping[str, Any]) -> Any:
-  """A tree shaped like ``flax_params(target)`` with leaves from ``values``."""
-  template = flax_params(target)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.asarray(
-          values[partition_lib.path_name(path)], dtype=jnp.result_type(leaf)
-      ),
-      template,
-  )
-
-
-def tree_from_torch(
-    torch_module: Any,
-    tensors: Mapping[str, Any],
-    target: Any,
-    *,
-    name_map: Mapping[str, str] | None = None,
-) -> Any:
-  """Any per-parameter tensors keyed by PyTorch name (weights, gradients,
-  moments) as a Flax tree with the params' structure and layouts."""
-  matches = match_parameters(torch_module, target, name_map=name_map)
-  return _tree_from_values(target, {m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches})
-
-
-def params_from_torch(
-    torch_module: Any, target: Any, *, name_map: Mapping[str, str] | None = None
-) -> Any:
-  """The PyTorch module's weights as a Flax params tree shaped like ``target``'s.
-
-  For an NNX module, apply it with ``nnx.update(model, params)``.
-
-  Example:
-    >>> import numpy as np, torch
-    >>> from flax import nnx
-    >>> from stac_optax import torch_interop
-    >>> linear = torch.nn.Linear(3, 2)
-    >>> twin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    >>> params = torch_interop.params_from_torch(linear, twin)
-    >>> nnx.update(twin, params)
-    >>> x = np.ones((1, 3), np.float32)
-    >>> bool(np.allclose(twin(x), linear(torch.from_numpy(x)).detach().numpy(), atol=1e-6))
-    True
-  """
-  return tree_from_torch(
-      torch_module, dict(torch_module.named_parameters()), target, name_map=name_map
-  )
-
-
-def tree_to_torch(
-    tree: Any, torch_module: Any, *, name_map: Mapping[str, str] | None = None,
-    target: Any | None = None,
-) -> dict[str, np.ndarray]:
-  """A Flax tree with the params' paths as ``{torch_name: array}`` in PyTorch layout."""
-  matches = match_parameters(torch_module, tree if target is None else target, name_map=name_map)
-  flat = dict(partition_lib.leaves_with_names(tree))
-  return {m.torch_name: m.to_torch(flat[m.flax_name]) for m in matches}
-
-
-def params_to_torch(
-    params_or_model: Any, torch_module: Any, *, name_map: Mapping[str, str] | None = None
-) -> None:
-  """Copies Flax weights into the PyTorch module's parameters, in place."""
-  torch = _torch()
-  values = tree_to_torch(
-      flax_params(params_or_model), torch_module, name_map=name_map, target=params_or_model
-  )
-  with torch.no_grad():
-    for name, param in torch_module.named_parameters():
-      param.copy_(torch.from_numpy(np.array(values[name], copy=True)).to(param.dtype))
-
-
-# --------------------------------------------------------------------------
-# Optimizer runs
-# --------------------------------------------------------------------------
 
 
 def trainable_from_torch(torch_module: Any, matches) -> Any:
@@ -521,15 +244,24 @@ def _torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tup
   return {"sign": modules[:split], "adamw": modules[split:]}
 
 
+def _by_torch_name(matches) -> dict[str, list]:
+  """``{torch_name: [matches]}``: one match, or one per block of rows of a
+  fused parameter."""
+  out: dict[str, list] = {}
+  for m in matches:
+    out.setdefault(m.torch_name, []).append(m)
+  return out
+
+
 class _Names:
-  """How messages name a parameter: its PyTorch name and Flax path."""
+  """How messages name a parameter: its PyTorch name and Flax path(s)."""
 
   def __init__(self, matches):
-    self.flax = {m.torch_name: m.flax_name for m in matches}
+    self.flax = {t: [m.flax_name for m in ms] for t, ms in _by_torch_name(matches).items()}
 
   def __call__(self, torch_name: str) -> str:
     if torch_name in self.flax:
-      return f"{torch_name!r} (Flax {self.flax[torch_name]!r})"
+      return f"{torch_name!r} (Flax {', '.join(map(repr, self.flax[torch_name]))})"
     return repr(torch_name)
 
   def many(self, torch_names) -> str:
@@ -616,7 +348,7 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
       exclude_bias=bool(any_group["exclude_bias_from_weight_decay"]),
       exclude_1d=bool(any_group["exclude_1d_from_weight_decay"]),
   )))
-  flax_of = {m.torch_name: m.flax_name for m in matches}
+  flax_of = {t: [m.flax_name for m in ms] for t, ms in _by_torch_name(matches).items()}
   for role, (i, group) in by_role.items():
     listed = tuple(group["param_names"])
     mask = tuple(group.get("decay_param_mask", ())) or (True,) * len(listed)  # torch's default
@@ -629,7 +361,8 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
     if _real(group["weight_decay"]) == 0:
       continue  # no decay: the mask changes nothing
     for name, flag in zip(listed, mask, strict=True):
-      want = bool(decays[flax_of[name]])
+      wants = {bool(decays[f]) for f in flax_of[name]}
+      want = wants.pop() if len(wants) == 1 else not flag  # Flax leaves that disagree: refused
       if bool(flag) != want:
         raise ValueError(
             f"{where}: {names(name)} is {'decayed' if flag else 'exempt from decay'} in "
@@ -658,7 +391,7 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
     first step.
   """
   torch = _torch()
-  by_name = {m.torch_name: m for m in matches}
+  by_name = _by_torch_name(matches)
   state = state_dict["state"]
   listed = {}
   for role, (i, group) in by_role.items():
@@ -705,7 +438,6 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
           )
         steps[name] = _count(f"{where}: 'step'", s["step"])
         cap_states[name] = s
-      m = by_name[name]
       for key in sorted(keys - {"step"}):
         info = _array_info(torch, s[key])
         if info is None or not info[1]:
@@ -714,13 +446,14 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
               f"{type(s[key]).__name__}" + (f" of dtype {s[key].dtype}" if info else "") + "."
           )
         shape = info[0]
-        converted = m.to_flax(np.empty(shape, np.float32)).shape if len(shape) == len(m.torch_shape) else None
-        if shape != m.torch_shape or converted != m.flax_shape:
-          raise ValueError(
-              f"{where}: state {key!r} has shape {shape}, but the parameter's shape is "
-              f"{m.torch_shape} in PyTorch ({m.flax_shape} in Flax, {m.layout} layout); "
-              "the state was saved for a model with other parameter shapes."
-          )
+        for m in by_name[name]:
+          converted = m.to_flax(np.empty(shape, np.float32)).shape if shape == m.torch_shape else None
+          if converted != m.flax_shape:
+            raise ValueError(
+                f"{where}: state {key!r} has shape {shape}, but the parameter's shape is "
+                f"{m.torch_shape} in PyTorch ({m.flax_shape} in Flax, {m.layout} layout); "
+                "the state was saved for a model with other parameter shapes."
+            )
   if cap_states:
     cap_names = by_role["adamw"][1]["param_names"]
     without = [n for n in cap_names if n not in cap_states]
@@ -766,20 +499,38 @@ def _with_cap_adam_state(opt_state: STACState, adam) -> STACState:
   return opt_state._replace(inner_state=partition_state._replace(inner_states=inner_states))
 
 
-def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
-  owner = {m.torch_name: m.flax_name for m in matches}
+def flax_cap_size(partition, torch_cap: Sequence[str], matches) -> int:
+  """How many Flax counted modules hold the PyTorch cap's parameters.
+
+  Equal to PyTorch's cap size when modules map one to one; larger where a
+  converter made one PyTorch module several Flax modules (an
+  ``nn.MultiheadAttention`` with its ``out_proj`` is 2 modules in PyTorch,
+  4 in Flax).
+  """
   aliases = dict(partition.parameter_aliases)
-  torch_of = {aliases.get(f, f): t for t, f in owner.items()}
+  module_of = {p: m.name for m in partition.modules for p in m.parameter_names}
+  cap = set(torch_cap)
+  return len({
+      module_of[aliases.get(m.flax_name, m.flax_name)]
+      for m in matches
+      if m.torch_name in cap and aliases.get(m.flax_name, m.flax_name) in module_of
+  })
+
+
+def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
+  aliases = dict(partition.parameter_aliases)
+  owner = {t: {aliases.get(m.flax_name, m.flax_name) for m in ms} for t, ms in _by_torch_name(matches).items()}
+  torch_of = {f: t for t, fs in owner.items() for f in fs}
   for role, flax_names in (
       ("sign", partition.sign_parameter_names),
       ("adamw", partition.adamw_parameter_names),
   ):
     group = torch_groups.get(role)
     torch_names = tuple(group[1]["param_names"]) if group is not None else ()
-    mapped = {aliases.get(owner[n], owner[n]) for n in torch_names}
+    mapped = {f for n in torch_names for f in owner[n]}
     if mapped != set(flax_names):
-      only_torch = [torch_of[f] for f in sorted(mapped - set(flax_names))]
-      only_flax = [torch_of[f] for f in sorted(set(flax_names) - mapped)]
+      only_torch = list(dict.fromkeys(torch_of[f] for f in sorted(mapped - set(flax_names))))
+      only_flax = list(dict.fromkeys(torch_of[f] for f in sorted(set(flax_names) - mapped)))
       raise ValueError(
           f"the PyTorch and stac_optax partitions differ in the {role} section "
           f"(the {_SECTION[role]}): in PyTorch only {names.many(only_torch)}, in "
@@ -788,6 +539,7 @@ def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
       )
 
 
+@traces_builders_once
 def from_torch(
     torch_module: Any,
     optimizer_or_state_dict: Any,
@@ -795,6 +547,8 @@ def from_torch(
     *,
     name_map: Mapping[str, str] | None = None,
     nonfinite_skipped_steps: int | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
 ) -> tuple[optax.GradientTransformationExtraArgs, Any, STACState]:
   """Continues a PyTorch ``STAC`` run in JAX.
 
@@ -817,10 +571,14 @@ def from_torch(
     target: the matching Flax model (NNX module) or params tree.
     name_map: ``{torch_name: flax_path}`` where the rules do not match.
     nonfinite_skipped_steps: overrides the skip counter.
+    match: ``"names"`` or ``"order"``, as in :func:`match_parameters`.
+    converters: extra :class:`ModuleConverter` objects, as there.
 
   Returns:
     ``(tx, params, opt_state)``: the transformation built with the torch
-    optimizer's hyper-parameters, the weights as a params tree shaped like
+    optimizer's hyper-parameters (the cap as ``last_n_modules``, counted in
+    Flax modules: more than PyTorch's where a converter made one module
+    several), the weights as a params tree shaped like
     ``target``'s, and a state holding the cap's moments and step count.
 
   Raises:
@@ -833,7 +591,8 @@ def from_torch(
   skipped = _count(
       "nonfinite_skipped_steps", skipped if nonfinite_skipped_steps is None else nonfinite_skipped_steps
   )
-  matches = match_parameters(torch_module, target, name_map=name_map)
+  how = {"name_map": name_map, "match": match, "converters": converters}
+  matches = match_parameters(torch_module, target, **how)
   names = _Names(matches)
   if optimizer is not None:
     _check_optimizer_trains(optimizer, torch_module, names)
@@ -842,18 +601,20 @@ def from_torch(
   _check_names(groups, torch_module, names)
   _check_decay_masks(groups, matches, target, names)
   cap_states, step = _check_param_states(state_dict, groups, matches, names)
-  partition = partition_lib.partition_modules(
-      target, last_n_modules=kwargs["last_n_modules"],
-      trainable=trainable_from_torch(torch_module, matches),
+  trainable = trainable_from_torch(torch_module, matches)
+  torch_cap = groups["adamw"][1]["param_names"] if "adamw" in groups else ()
+  n_cap = flax_cap_size(
+      partition_of(target, trainable, last_n_modules=0), torch_cap, matches
   )
+  partition = partition_of(target, trainable, last_n_modules=n_cap)
   _check_same_split(groups, partition, matches, names)
 
-  params = params_from_torch(torch_module, target, name_map=name_map)
+  params = params_from_torch(torch_module, target, **how)
   tx = stac(partition, **{k: v for k, v in kwargs.items() if k != "last_n_modules"})
   opt_state = tx.init(params)
 
   if "adamw" in groups:
-    by_name = {m.torch_name: m for m in matches}
+    by_name = _by_torch_name(matches)
     cap_names = groups["adamw"][1]["param_names"]
     adam = _cap_adam_state(opt_state)
     replaced = {"count": jnp.asarray(step, jnp.int32)}
@@ -861,11 +622,11 @@ def from_torch(
       if not hasattr(adam, field):
         continue
       values = {
-          by_name[n].flax_name: (
-              by_name[n].to_flax(cap_states[n][key]) if n in cap_states
-              else np.zeros(by_name[n].flax_shape, np.float32)
+          m.flax_name: (
+              m.to_flax(cap_states[n][key]) if n in cap_states else np.zeros(m.flax_shape, np.float32)
           )
           for n in cap_names
+          for m in by_name[n]
       }
       replaced[field] = jax.tree_util.tree_map_with_path(
           lambda path, leaf, values=values: jnp.asarray(
@@ -904,7 +665,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
       if hasattr(adam, field)
   }
   cap = by_role.get("adamw")
-  torch_cap = sorted(names.flax[n] for n in (cap[1]["param_names"] if cap else ()))
+  torch_cap = sorted(f for n in (cap[1]["param_names"] if cap else ()) for f in names.flax[n])
   if torch_cap != sorted(flat["exp_avg"]):
     raise ValueError(
         "the stac_optax state and the PyTorch optimizer have different caps: "
@@ -916,8 +677,8 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
         f"the stac_optax state {'uses' if _AMSGRAD_KEY in flat else 'does not use'} AMSGrad "
         f"but the PyTorch optimizer has amsgrad={amsgrad}."
     )
-  by_name = {m.torch_name: m for m in matches}
-  cap_matches = [by_name[n] for n in (cap[1]["param_names"] if cap else ())]
+  by_name = _by_torch_name(matches)
+  cap_matches = [m for n in (cap[1]["param_names"] if cap else ()) for m in by_name[n]]
   for key, values in flat.items():
     for m in cap_matches:
       value = values[m.flax_name]
@@ -932,6 +693,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
   return count, flat
 
 
+@traces_builders_once
 def to_torch(
     params_or_model: Any,
     opt_state: STACState,
@@ -939,11 +701,16 @@ def to_torch(
     optimizer: Any,
     *,
     name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+    target: Any | None = None,
 ) -> None:
   """Continues a stac_optax run in PyTorch: writes the weights into
   ``torch_module`` and the cap's moments and step into ``optimizer`` (a
   ``stac_optimizer.STAC`` built on ``torch_module`` with the same
-  hyper-parameters), in place.
+  hyper-parameters), in place. Given an NNX module or a linen variables
+  dict with batch statistics, the running statistics go into the BatchNorm
+  buffers too.
 
   The split is the torch optimizer's (params after training are sorted
   dicts: no order to read). Everything is checked before anything is
@@ -951,6 +718,10 @@ def to_torch(
   the optimizer must train ``torch_module`` itself, its param groups must
   pass :func:`from_torch`'s checks, and the state's cap, moment shapes,
   AMSGrad and step count must fit it.
+
+  Matching by order needs the registration order, which trained params
+  (sorted dicts, ``nnx.State``) no longer have: give the model or its
+  builder as ``target``.
 
   Raises:
     ValueError: parameters that do not match, partitions that differ, a
@@ -963,7 +734,10 @@ def to_torch(
     raise TypeError(f"opt_state must be a STACState, got {type(opt_state).__name__}.")
   if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "load_state_dict"):
     raise TypeError(f"optimizer must be a stac_optimizer.STAC, got {type(optimizer).__name__}.")
-  matches = match_parameters(torch_module, params_or_model, name_map=name_map)
+  matches = match_parameters(
+      torch_module, params_or_model if target is None else target,
+      name_map=name_map, match=match, converters=converters,
+  )
   names = _Names(matches)
   _check_optimizer_trains(optimizer, torch_module, names)
   state_dict = optimizer.state_dict()
@@ -974,208 +748,24 @@ def to_torch(
 
   # build everything, then write: the state first (torch checks it before
   # changing anything), then the weights
-  by_name = {m.torch_name: m for m in matches}
-  values = tree_to_torch(
-      flax_params(params_or_model), torch_module, name_map=name_map, target=params_or_model
-  )
-  weights = {n: torch.from_numpy(np.array(v, copy=True)) for n, v in values.items()}
+  by_name = _by_torch_name(matches)
+  weights, buffers = values_for_torch(params_or_model, torch_module, matches)
   new_state = {}
   cap = groups.get("adamw")
   if cap is not None and count > 0:
     for index, name in zip(cap[1]["params"], cap[1]["param_names"], strict=True):
-      m = by_name[name]
       entry = {"step": torch.tensor(float(count))}
       for key, moments in flat.items():
-        entry[key] = torch.from_numpy(np.array(m.to_torch(moments[m.flax_name]), copy=True))
+        value = assemble(by_name[name], moments)[name]
+        entry[key] = torch.from_numpy(np.array(value, copy=True))
       new_state[index] = entry
   new_state_dict = {**state_dict, "state": new_state}
   previous = copy.deepcopy(optimizer.state_dict())
   optimizer.load_state_dict(new_state_dict)
   try:
-    with torch.no_grad():
-      for name, param in torch_module.named_parameters():
-        param.copy_(weights[name].to(param.dtype))
+    write_to_torch(torch_module, weights, buffers)
   except BaseException:
     optimizer.load_state_dict(previous)
     raise
   optimizer.nonfinite_skipped_steps = skipped
 
-
-# --------------------------------------------------------------------------
-# Parity checks for users' own models
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ParameterDiff:
-  """The worst difference of one parameter over the compared steps."""
-
-  torch_name: str
-  flax_name: str
-  section: str
-  max_abs_diff: float
-  max_rel_diff: float
-  ok: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class ParityReport:
-  """What :func:`check_parity` found. ``ok`` is true when both frameworks put
-  the same modules in the cap and every parameter agreed at every step."""
-
-  steps: int
-  rtol: float
-  atol: float
-  torch_cap: tuple[str, ...]
-  flax_cap: tuple[str, ...]
-  partition_matches: bool
-  parameters: tuple[ParameterDiff, ...]
-
-  @property
-  def ok(self) -> bool:
-    return self.partition_matches and all(p.ok for p in self.parameters)
-
-  @property
-  def worst_abs_diff(self) -> float:
-    return max((p.max_abs_diff for p in self.parameters), default=0.0)
-
-  def __str__(self) -> str:
-    lines = [
-        f"STAC parity over {self.steps} steps (rtol={self.rtol:g}, atol={self.atol:g}): "
-        + ("OK" if self.ok else "MISMATCH"),
-        f"cap in PyTorch: {', '.join(self.torch_cap) or 'none'}",
-        f"cap in Flax:    {', '.join(self.flax_cap) or 'none'}"
-        + ("" if self.partition_matches else "   <- differs"),
-    ]
-    width = max((len(p.torch_name) for p in self.parameters), default=10)
-    lines.append(f"{'parameter':<{width}}  {'section':<7}  {'max |diff|':>11}  {'max rel':>9}")
-    for p in self.parameters:
-      flag = "" if p.ok else "  <- exceeds tolerance"
-      lines.append(
-          f"{p.torch_name:<{width}}  {p.section:<7}  {p.max_abs_diff:11.3e}  {p.max_rel_diff:9.2e}{flag}"
-      )
-    return "\n".join(lines)
-
-
-_TORCH_ARG_NAMES = {"learning_rate": "lr"}
-_UNSUPPORTED_IN_TORCH = ("sign_momentum", "sign_state_dtype", "module_order", "mu_dtype")
-
-
-def _torch_kwargs(stac_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  if "trainable" in stac_kwargs:
-    raise ValueError("trainable is read from the PyTorch parameters' requires_grad; leave it out.")
-  bad = [k for k in stac_kwargs if k in _UNSUPPORTED_IN_TORCH]
-  if bad:
-    raise ValueError(f"stac-optimizer 0.3.0 has no equivalent of {bad}; leave them out.")
-  kwargs = {_TORCH_ARG_NAMES.get(k, k): v for k, v in stac_kwargs.items() if k not in ("b1", "b2")}
-  if "b1" in stac_kwargs or "b2" in stac_kwargs:
-    kwargs["betas"] = (stac_kwargs.get("b1", 0.9), stac_kwargs.get("b2", 0.999))
-  return kwargs
-
-
-def check_parity(
-    torch_module: Any,
-    target: Any,
-    *,
-    steps: int = 5,
-    name_map: Mapping[str, str] | None = None,
-    seed: int = 0,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
-    **stac_kwargs: Any,
-) -> ParityReport:
-  """Checks that a PyTorch model and a Flax model partition and update alike.
-
-  A copy of ``torch_module`` is trained by ``stac_optimizer.STAC`` and the
-  Flax side (with the copy's weights) by :func:`stac_optax.stac`, both with
-  ``stac_kwargs`` and the same seeded random gradients for ``steps`` steps;
-  every parameter is compared after every step. Neither input is modified.
-
-  Args:
-    torch_module: the PyTorch model.
-    target: the Flax model (NNX module) or params tree.
-    steps: how many updates to compare.
-    name_map: ``{torch_name: flax_path}`` where the rules do not match.
-    seed: seed of the random gradients.
-    rtol: relative tolerance per element.
-    atol: absolute tolerance per element.
-    **stac_kwargs: arguments of :func:`stac_optax.stac` (``learning_rate``,
-      ``weight_decay``, ...), translated for the torch optimizer.
-
-  Returns:
-    A :class:`ParityReport`; ``print`` it for a table.
-
-  Raises:
-    ValueError: names or shapes that cannot be matched.
-    ImportError: ``stac-optimizer`` is not installed.
-  """
-  torch = _torch()
-  try:
-    import stac_optimizer  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        "check_parity compares against the PyTorch package: pip install "
-        "--no-deps stac-optimizer==0.3.0"
-    ) from e
-  module = copy.deepcopy(torch_module)
-  matches = match_parameters(module, target, name_map=name_map)
-  params = params_from_torch(module, target, name_map=name_map)
-  optimizer = stac_optimizer.STAC(module, **_torch_kwargs(stac_kwargs))
-  partition = partition_lib.partition_modules(
-      target,
-      trainable=trainable_from_torch(module, matches),
-      **{k: stac_kwargs[k] for k in ("last_n_modules", "last_n_ratio", "adamw_ratio") if k in stac_kwargs},
-  )
-  aliases = dict(partition.parameter_aliases)  # tree path -> owner path
-  module_of = {
-      m.torch_name: aliases.get(m.flax_name, m.flax_name).rpartition("/")[0] or partition_lib.ROOT
-      for m in matches
-  }
-  torch_cap = tuple(optimizer.partition.adamw_module_names)
-  torch_cap_as_flax = tuple(
-      dict.fromkeys(module_of[n] for n in optimizer.partition.adamw_parameter_names)
-  )
-  flax_cap = partition.adamw_module_names
-  partition_matches = sorted(torch_cap_as_flax) == sorted(flax_cap)
-
-  tx = stac(partition, **{
-      k: v for k, v in stac_kwargs.items() if k not in ("last_n_modules", "last_n_ratio", "adamw_ratio")
-  })
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  rng = np.random.default_rng(seed)
-  section = {n: "cap" for n in partition.adamw_parameter_names}
-  worst = {m.torch_name: [0.0, 0.0, True] for m in matches}
-  for _ in range(steps):
-    grads_np = {
-        name: rng.standard_normal(tuple(p.shape)).astype(np.float32)
-        for name, p in module.named_parameters()
-    }
-    for name, p in module.named_parameters():
-      p.grad = torch.from_numpy(grads_np[name].copy()).to(p.dtype) if p.requires_grad else None
-    optimizer.step()
-    grads = _tree_from_values(params, {m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches})
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    flat = dict(partition_lib.leaves_with_names(params))
-    for m in matches:
-      want = dict(module.named_parameters())[m.torch_name].detach().float().numpy()
-      got = m.to_torch(flat[m.flax_name])
-      diff = np.abs(got - want)
-      rel = diff / np.maximum(np.abs(want), np.finfo(np.float32).tiny)
-      w = worst[m.torch_name]
-      w[0] = max(w[0], float(diff.max(initial=0.0)))
-      w[1] = max(w[1], float(rel.max(initial=0.0)))
-      w[2] = w[2] and bool(np.all(diff <= atol + rtol * np.abs(want)))
-  rows = tuple(
-      ParameterDiff(
-          m.torch_name, m.flax_name,
-          section.get(aliases.get(m.flax_name, m.flax_name), "trunk"),
-          *worst[m.torch_name],
-      )
-      for m in matches
-  )
-  return ParityReport(
-      steps=steps, rtol=rtol, atol=atol, torch_cap=torch_cap, flax_cap=flax_cap,
-      partition_matches=partition_matches, parameters=rows,
-  )

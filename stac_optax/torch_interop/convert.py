@@ -1,0 +1,277 @@
+"""Weights, running statistics and other per-parameter values, PyTorch to
+Flax and back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stac_optax import order as order_lib
+from stac_optax._tree import (
+  is_nnx_module,
+  is_parameter_leaf,
+  leaves_with_names,
+  looks_like_linen_variables,
+  path_name,
+  unbox,
+)
+from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop.layouts import ModuleConverter, assemble
+from stac_optax.torch_interop.matching import (
+  flax_batch_stats,
+  flax_params,
+  match_buffers,
+  match_parameters,
+  traces_builders_once,
+)
+
+
+def _fill(template: Any, values: Mapping[str, Any]) -> Any:
+  """``template`` (arrays, ``ShapeDtypeStruct``\\ s or NNX variables) with
+  each leaf replaced by ``values[its path]`` in the leaf's dtype; NNX
+  variables keep their type."""
+
+  def fill(path, leaf):
+    value = jnp.asarray(values[path_name(path)], dtype=jnp.result_type(unbox(leaf)))
+    return leaf.replace(value) if is_parameter_leaf(leaf) and hasattr(leaf, "replace") else value
+
+  def visit(node, path):
+    # plain dicts keep their key order (a linen dict's creation order, which
+    # matching by order reads again); jax.tree.map would sort them
+    if type(node) is dict:  # pylint: disable=unidiomatic-typecheck
+      return {k: visit(v, (*path, k)) for k, v in node.items()}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: fill((*path, *p), leaf), node, is_leaf=is_parameter_leaf
+    )
+
+  return visit(template, ())
+
+
+def _tree_from_values(target: Any, values: Mapping[str, Any]) -> Any:
+  """A tree shaped like ``flax_params(target)`` with leaves from ``values``."""
+  return _fill(flax_params(target), values)
+
+
+def _nnx_state(model: Any, *filters: Any) -> Any:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  return nnx.state(model, nnx.Any(*filters) if len(filters) > 1 else filters[0])
+
+
+@traces_builders_once
+def tree_from_torch(
+    torch_module: Any,
+    tensors: Mapping[str, Any],
+    target: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> Any:
+  """Per-parameter tensors keyed by PyTorch name (weights, gradients,
+  moments) as a Flax tree with the params' structure and layouts.
+
+  For an NNX module ``target`` the tree is an ``nnx.State`` of ``nnx.Param``
+  variables, as ``nnx.grad`` returns it, so gradients go straight into
+  ``nnx.Optimizer.update(model, grads)`` (which keeps only the entries its
+  ``wrt`` filter selects, ``nnx.Param`` by default). For
+  ``tx.update(grads, state, params)`` with plain-array params, take
+  ``nnx.as_pure(tree)`` or give the params tree as ``target``. For any other
+  target, a tree of arrays with its structure.
+
+  Example:
+    >>> import optax, torch
+    >>> from flax import nnx
+    >>> import stac_optax
+    >>> from stac_optax import torch_interop
+    >>> linear = torch.nn.Linear(3, 2)
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, stac_optax.stac(model, 1e-2), wrt=nnx.Param)
+    >>> linear(torch.ones(1, 3)).sum().backward()
+    >>> grads = torch_interop.tree_from_torch(linear, {n: p.grad for n, p in linear.named_parameters()}, model)
+    >>> type(grads['kernel']).__name__
+    'Param'
+    >>> _ = optimizer.update(model, grads)
+  """
+  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
+  values = {m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches}
+  if is_nnx_module(target):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    return _fill(_nnx_state(target, nnx.Param), values)
+  return _tree_from_values(target, values)
+
+
+@traces_builders_once
+def params_from_torch(
+    torch_module: Any,
+    target: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> Any:
+  """The PyTorch module's weights as a Flax params tree shaped like
+  ``target``'s (plain arrays).
+
+  For an NNX module, apply it with ``nnx.update(model, params)``. Running
+  statistics are not weights: :func:`variables_from_torch` carries both.
+
+  Example:
+    >>> import numpy as np, torch
+    >>> from flax import nnx
+    >>> from stac_optax import torch_interop
+    >>> linear = torch.nn.Linear(3, 2)
+    >>> twin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> params = torch_interop.params_from_torch(linear, twin)
+    >>> nnx.update(twin, params)
+    >>> x = np.ones((1, 3), np.float32)
+    >>> bool(np.allclose(twin(x), linear(torch.from_numpy(x)).detach().numpy(), atol=1e-6))
+    True
+  """
+  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
+  weights = dict(torch_module.named_parameters())
+  return _tree_from_values(target, {m.flax_name: m.to_flax(weights[m.torch_name]) for m in matches})
+
+
+@traces_builders_once
+def buffers_from_torch(
+    torch_module: Any,
+    target: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> Any:
+  """The PyTorch module's BatchNorm running statistics as the target's batch
+  statistics: linen's ``batch_stats`` collection, or an NNX module's
+  ``nnx.BatchStat`` state (plain arrays); ``None`` for a target without any.
+
+  ``running_mean`` is ``mean`` and ``running_var`` is ``var``, as they are.
+  ``num_batches_tracked`` is not carried (Flax counts no batches).
+  """
+  stats = flax_batch_stats(target)
+  if stats is None:
+    return None
+  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
+  buffers = dict(torch_module.named_buffers())
+  return _fill(stats, {b.flax_name: b.to_flax(buffers[b.torch_name]) for b in match_buffers(torch_module, target, matches)})
+
+
+@traces_builders_once
+def variables_from_torch(
+    torch_module: Any,
+    target: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> Any:
+  """Weights and running statistics together, ready to use.
+
+  Returns:
+    For a linen variables dict, or a builder of one (``lambda:
+    model.init(key, x)``, which reads the creation order without running
+    the initializers): a variables dict with ``params`` and ``batch_stats``
+    (other collections as they were, or as shapes for a builder). For an NNX module: an
+    ``nnx.State`` of its ``nnx.Param`` and ``nnx.BatchStat`` variables, for
+    ``nnx.update(model, state)``. For a params tree: the params.
+  """
+  kwargs = {"name_map": name_map, "match": match, "converters": converters}
+  params = params_from_torch(torch_module, target, **kwargs)
+  stats = buffers_from_torch(torch_module, target, **kwargs)
+  if order_lib.is_builder(target) and looks_like_linen_variables(built := jax.eval_shape(target)):
+    return {**built, "params": params, **({"batch_stats": stats} if stats is not None else {})}
+  if looks_like_linen_variables(target):
+    return {**target, "params": params, **({"batch_stats": stats} if stats is not None else {})}
+  if is_nnx_module(target):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    values = dict(leaves_with_names(params))
+    values.update(leaves_with_names(stats) if stats is not None else ())
+    return _fill(_nnx_state(target, nnx.Param, nnx.BatchStat), values)
+  return params
+
+
+@traces_builders_once
+def tree_to_torch(
+    tree: Any,
+    torch_module: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    target: Any | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> dict[str, np.ndarray]:
+  """A Flax tree with the params' paths (arrays or NNX variables) as
+  ``{torch_name: array}`` in PyTorch layout; a fused parameter is put back
+  together from its leaves."""
+  matches = match_parameters(
+      torch_module, tree if target is None else target, name_map=name_map, match=match, converters=converters
+  )
+  flat = dict(leaves_with_names(tree))
+  return assemble(matches, lambda m: unbox(flat[m.flax_name]))
+
+
+def _stats_source(params_or_model: Any) -> Any:
+  """The batch statistics an object carries, or ``None``."""
+  if order_lib.is_builder(params_or_model):
+    return None
+  return flax_batch_stats(params_or_model)
+
+
+@traces_builders_once
+def params_to_torch(
+    params_or_model: Any,
+    torch_module: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+    target: Any | None = None,
+) -> None:
+  """Copies Flax weights into the PyTorch module's parameters, in place;
+  given an NNX module or a linen variables dict with batch statistics, the
+  running statistics into its BatchNorm buffers too (``num_batches_tracked``
+  is left as it is).
+
+  ``target`` (the model, or a builder) gives the structure and, matching by
+  order, the registration order, where ``params_or_model`` has lost it (a
+  dict that went through ``jax.tree.map`` or ``jax.jit`` is sorted).
+  """
+  matches = match_parameters(
+      torch_module, params_or_model if target is None else target,
+      name_map=name_map, match=match, converters=converters,
+  )
+  write_to_torch(torch_module, *values_for_torch(params_or_model, torch_module, matches))
+
+
+def values_for_torch(
+    params_or_model: Any, torch_module: Any, matches: Sequence[Any]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """``({parameter: array}, {buffer: array})`` in PyTorch layout, from the
+  weights and (where it carries them) batch statistics of the Flax side."""
+  flat = dict(leaves_with_names(flax_params(params_or_model)))
+  weights = assemble(matches, lambda m: unbox(flat[m.flax_name]))
+  stats = _stats_source(params_or_model)
+  buffers = {}
+  if stats is not None:
+    flat_stats = dict(leaves_with_names(stats))
+    for b in match_buffers(torch_module, params_or_model, matches):
+      buffers[b.torch_name] = b.to_torch(unbox(flat_stats[b.flax_name]))
+  return weights, buffers
+
+
+def write_to_torch(torch_module: Any, weights: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
+  """Copies arrays into the module's parameters and buffers, in place."""
+  torch = _torch()
+  with torch.no_grad():
+    for name, param in torch_module.named_parameters():
+      param.copy_(torch.from_numpy(np.array(weights[name], copy=True)).to(param.dtype))
+    for name, buffer in torch_module.named_buffers():
+      if name in buffers:
+        buffer.copy_(torch.from_numpy(np.array(buffers[name], copy=True)).to(buffer.dtype))

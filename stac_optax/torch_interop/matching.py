@@ -1,0 +1,522 @@
+"""Pairing the parameters of a PyTorch module with the leaves of a Flax model.
+
+Two ways, chosen by ``match``:
+
+* ``"names"``: a parameter's module path is the leaf's (``blocks.5.fc2`` is
+  ``blocks/5/fc2``), its name follows the layout rule of its module's class.
+* ``"order"``: the counted modules (those that own a parameter) of both
+  sides are paired in registration order, PyTorch's ``named_modules()``
+  against the order :func:`stac_optax.partition_modules` reads from the
+  Flax model; then, within a pair, the parameters by role (``weight`` is
+  ``kernel``/``scale``/``embedding``, ``bias`` is ``bias``). Names may
+  differ entirely (torchvision's ``layer2.0.downsample.0`` is the Flax
+  example's ``ResNetBlock_2/conv_proj``).
+
+Either way every shape is checked through the layout, ``name_map`` pins
+parameters by hand, and a :class:`~stac_optax.torch_interop.layouts.ModuleConverter`
+takes a module whose parameters do not map one to one (fused attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+from stac_optax import order as order_lib
+from stac_optax import partition as partition_lib
+from stac_optax._tree import is_nnx_module, leaves_with_names, looks_like_linen_variables
+from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop.layouts import (
+    ModuleConverter,
+    ParameterMatch,
+    converter_for,
+    layout_for,
+    leaf_rule,
+    role,
+    weight_rule,
+)
+
+MATCH_MODES = ("names", "order")
+
+# -- a builder is traced once per public call -----------------------------------
+
+_TRACED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("stac_optax_traced", default=None)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def _trace_builders_once() -> Iterator[None]:
+  token = _TRACED.set({}) if _TRACED.get() is None else None
+  try:
+    yield
+  finally:
+    if token is not None:
+      _TRACED.reset(token)
+
+
+def traces_builders_once(fn: _F) -> _F:
+  """Within one call of ``fn``, what is read from a builder target (its
+  shapes, its module order) is traced once, not once per use."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with _trace_builders_once():
+      return fn(*args, **kwargs)
+
+  return wrapper  # type: ignore[return-value]
+
+
+def _once(kind: str, target: Any, compute: Callable[[], Any]) -> Any:
+  cache = _TRACED.get()
+  if cache is None or not order_lib.is_builder(target):
+    return compute()
+  key = (kind, id(target))  # the target lives as long as the call
+  if key not in cache:
+    cache[key] = compute()
+  return cache[key]
+
+
+def counted_modules(target: Any):
+  """:func:`stac_optax.partition_modules` of ``target`` with every parameter
+  trainable and no cap: the counted modules in registration order."""
+  return _once("modules", target, lambda: partition_lib.partition_modules(target, last_n_modules=0))
+
+
+def partition_of(target: Any, trainable: Any = None, **cap: Any):
+  """:func:`stac_optax.partition_modules` of ``target``, from the one trace
+  of a builder where nothing is frozen."""
+  if trainable is not None:
+    return partition_lib.partition_modules(target, trainable=trainable, **cap)
+  return partition_lib.partition_modules(
+      counted_modules(target), **(cap or {"last_n_ratio": partition_lib.DEFAULT_LAST_N_RATIO})
+  )
+
+
+def flax_params(target: Any) -> Any:
+  """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
+  arrays), a linen variables dict's ``params``, or the tree itself; for a
+  builder (``lambda: Net(...)``), that of what it builds, as
+  ``jax.ShapeDtypeStruct`` leaves (it is traced, not run)."""
+  if order_lib.is_builder(target):
+    return _once("params", target, lambda: jax.eval_shape(lambda: flax_params(target())))
+  if is_nnx_module(target):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    return nnx.as_pure(nnx.state(target, nnx.Param))
+  if looks_like_linen_variables(target):
+    return target["params"]
+  return target
+
+
+def flax_batch_stats(target: Any) -> Any | None:
+  """The running statistics of a target: an NNX module's ``nnx.BatchStat``
+  state (plain arrays), a linen variables dict's ``batch_stats``; ``None``
+  for a params tree (which has none)."""
+  if order_lib.is_builder(target):
+    return _once("batch_stats", target, lambda: jax.eval_shape(lambda: flax_batch_stats(target())))
+  if is_nnx_module(target):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    return nnx.as_pure(nnx.state(target, nnx.BatchStat))
+  if looks_like_linen_variables(target):
+    return target.get("batch_stats")
+  return None
+
+
+# --------------------------------------------------------------------------
+# The two sides, module by module
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorchUnit:
+  """A counted PyTorch module, or a converted one with its sub-modules."""
+
+  name: str  # module path, "" for the root
+  module: Any
+  params: tuple[str, ...]  # full parameter names
+  converter: ModuleConverter | None = None
+
+  def describe(self, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    own = ", ".join(f"{_rel(n, self.name)}{list(shapes[n])}" for n in self.params)
+    return f"{self.name or partition_lib.ROOT} ({type(self.module).__name__}): {own}"
+
+
+def _rel(name: str, prefix: str) -> str:
+  return name[len(prefix) + 1 :] if prefix else name
+
+
+def _under(name: str, prefix: str) -> bool:
+  return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def _torch_units(torch_module: Any, converters: Sequence[ModuleConverter]) -> list[_TorchUnit]:
+  """Counted modules in ``named_modules()`` order; a module a converter
+  takes is one unit with every parameter below it."""
+  names = [n for n, _ in torch_module.named_parameters()]
+  units: list[_TorchUnit] = []
+  taken: str | None = None
+  for module_name, module in torch_module.named_modules():
+    if taken is not None and _under(module_name, taken):
+      continue
+    converter = converter_for(module, converters)
+    if converter is not None:
+      taken = module_name
+      own = tuple(n for n in names if _under(n.rpartition(".")[0], module_name))
+      units.append(_TorchUnit(module_name, module, own, converter))
+      continue
+    own = tuple(n for n in names if n.rpartition(".")[0] == module_name)
+    if own:
+      units.append(_TorchUnit(module_name, module, own))
+  return units
+
+
+def _flax_modules(target: Any, aliases: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+  """``(module path, leaf paths)`` of the Flax side's counted modules, in
+  the registration order :func:`stac_optax.partition_modules` reads."""
+  part = counted_modules(target)
+  return [
+      (m.name, tuple(aliases.get(p, p) for p in m.parameter_names)) for m in part.modules
+  ]
+
+
+def _tree_aliases(target: Any) -> dict[str, str]:
+  """``{owner path: tree path}``: a tied NNX variable shows in the state
+  under its sorted-first path, not its first owner's."""
+  if is_nnx_module(target) or order_lib.is_builder(target):
+    part = counted_modules(target)
+    return {owner: alias for alias, owner in part.parameter_aliases}
+  return {}
+
+
+# --------------------------------------------------------------------------
+# Pairing
+# --------------------------------------------------------------------------
+
+
+class _Pairing:
+  """Collects matches and problems for :func:`match_parameters`."""
+
+  def __init__(self, torch_module, leaves):
+    self.params = dict(torch_module.named_parameters())
+    self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+    self.leaves = leaves
+    self.matches: list[ParameterMatch] = []
+    self.problems: list[str] = []
+
+  def add(self, torch_name, flax_name, layout, rows=None) -> bool:
+    if flax_name not in self.leaves:
+      self.problems.append(f"{torch_name!r} -> {flax_name!r}: no such Flax leaf")
+      return False
+    m = ParameterMatch(
+        torch_name, flax_name, layout, self.shapes[torch_name],
+        tuple(np.shape(self.leaves[flax_name])), rows,
+    )
+    if m.rows is not None and not 0 <= m.rows[0] < m.rows[1] <= (m.torch_shape or (0,))[0]:
+      self.problems.append(f"{torch_name!r} rows {m.rows}: outside its shape {m.torch_shape}")
+      return False
+    try:
+      converted = m.to_flax(np.zeros(m.torch_shape, np.float32)).shape
+    except ValueError:  # a reshape that cannot be
+      converted = None
+    if converted != m.flax_shape:
+      what = f"rows {m.rows} of " if m.rows else ""
+      self.problems.append(
+          f"{what}{torch_name!r} {m.torch_shape} -> {flax_name!r} {m.flax_shape}: "
+          f"shapes differ ({m.layout} layout gives {converted})"
+      )
+      return False
+    self.matches.append(m)
+    return True
+
+  def add_converted(self, unit: _TorchUnit, flax_prefix_of) -> bool:
+    """The pieces of a converted module; ``flax_prefix_of(relative Flax
+    module)`` gives the full Flax module path."""
+    ok = True
+    covered: dict[str, int] = {}
+    for piece in unit.converter.pieces(unit.module):
+      torch_name = f"{unit.name}.{piece.torch_name}" if unit.name else piece.torch_name
+      if torch_name not in self.params:
+        self.problems.append(
+            f"{type(unit.converter).__name__} names {torch_name!r}, which "
+            f"{unit.name or partition_lib.ROOT} does not have"
+        )
+        ok = False
+        continue
+      module, _, leaf = piece.flax_name.rpartition("/")
+      flax_name = "/".join(p for p in (flax_prefix_of(module), leaf) if p)
+      ok &= self.add(torch_name, flax_name, piece.layout, piece.rows)
+      rows = piece.rows[1] - piece.rows[0] if piece.rows else (self.shapes[torch_name] or (1,))[0]
+      covered[torch_name] = covered.get(torch_name, 0) + rows
+    for name in unit.params:
+      total = (self.shapes[name] or (1,))[0]
+      if covered.get(name, 0) != total:
+        self.problems.append(
+            f"{type(unit.converter).__name__} covers {covered.get(name, 0)} of the "
+            f"{total} rows of {name!r}"
+        )
+        ok = False
+    return ok
+
+
+def _check_match_mode(match: str) -> None:
+  if match not in MATCH_MODES:
+    raise ValueError(f"match must be 'names' or 'order', got {match!r}.")
+
+
+@traces_builders_once
+def match_parameters(
+    torch_module: Any,
+    target: Any,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    match: str = "names",
+    converters: Sequence[ModuleConverter] = (),
+) -> tuple[ParameterMatch, ...]:
+  """Matches every PyTorch parameter with a Flax params leaf.
+
+  Args:
+    torch_module: the ``torch.nn.Module``.
+    target: the Flax side: an NNX module, a builder, a linen params or
+      variables dict, or a params tree.
+    name_map: ``{torch_name: flax_path}`` for parameters the rules do not
+      match; also ``{torch module: flax module}`` for a module a converter
+      takes (``{"layers.0.self_attn": "blocks_0/attn"}``). It overrides
+      either mode.
+    match: ``"names"`` (module paths agree) or ``"order"`` (counted modules
+      paired in registration order, parameters by role).
+    converters: :class:`~stac_optax.torch_interop.ModuleConverter`\\ s for
+      modules whose parameters do not map one to one, tried before the
+      built-in ones (``nn.MultiheadAttention``).
+
+  Returns:
+    One :class:`ParameterMatch` per PyTorch parameter in registration order
+    (several, one per block of rows, for a fused parameter).
+
+  Raises:
+    ValueError: a parameter without a Flax leaf, a Flax leaf without a
+      parameter, or shapes that do not agree; by order, a table of the
+      first modules that differ, side by side.
+
+  Example:
+    >>> import torch
+    >>> from flax import nnx
+    >>> from stac_optax import torch_interop
+    >>> conv = torch.nn.Conv2d(1, 4, 3)
+    >>> for m in torch_interop.match_parameters(conv, nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))):
+    ...   print(m.torch_name, m.torch_shape, '->', m.flax_name, m.flax_shape, m.layout)
+    weight (4, 1, 3, 3) -> kernel (3, 3, 1, 4) conv
+    bias (4,) -> bias (4,) identity
+  """
+  _check_match_mode(match)
+  name_map = dict(name_map or {})
+  leaves = dict(leaves_with_names(flax_params(target)))
+  aliases = _tree_aliases(target)
+  units = _torch_units(torch_module, converters)
+  pairing = _Pairing(torch_module, leaves)
+  known = set(pairing.params) | {u.name for u in units if u.converter is not None}
+  stray = sorted(set(name_map) - known)
+
+  # name_map first: what it pins is left out of the pairing by name or order
+  pinned: set[str] = set()
+  for unit in units:
+    for torch_name in unit.params if unit.converter is None else ():
+      if torch_name in name_map:
+        flax_name = name_map[torch_name]
+        pairing.add(torch_name, aliases.get(flax_name, flax_name), layout_for(flax_name, pairing.params[torch_name].ndim))
+        pinned.add(torch_name)
+    if unit.converter is not None and unit.name in name_map:
+      prefix = name_map[unit.name]
+      pairing.add_converted(unit, lambda rel, prefix=prefix: "/".join(p for p in (prefix, rel) if p))
+      pinned.update(unit.params)
+  rest = [
+      dataclasses.replace(u, params=tuple(n for n in u.params if n not in pinned))
+      for u in units
+  ]
+  rest = [u for u in rest if u.params]
+
+  if match == "names":
+    for unit in rest:
+      if unit.converter is not None:
+        prefix = unit.name.replace(".", "/")
+        pairing.add_converted(unit, lambda rel, prefix=prefix: "/".join(p for p in (prefix, rel) if p))
+        continue
+      for torch_name in unit.params:
+        module_name, _, leaf = torch_name.rpartition(".")
+        flax_leaf, layout = leaf_rule(unit.module, leaf)
+        flax_name = (module_name.replace(".", "/") + "/" if module_name else "") + flax_leaf
+        pairing.add(torch_name, aliases.get(flax_name, flax_name), layout)
+  else:
+    used = {m.flax_name for m in pairing.matches}
+    flax_modules = [
+        (name, tuple(p for p in paths if p not in used))
+        for name, paths in _flax_modules(target, aliases)
+    ]
+    _pair_by_order(rest, [m for m in flax_modules if m[1]], pairing)
+
+  unmatched = sorted(set(leaves) - {m.flax_name for m in pairing.matches})
+  if pairing.problems or unmatched or stray:
+    raise ValueError(
+        "PyTorch and Flax parameters do not match"
+        + "".join(f"\n  {p}" for p in pairing.problems)
+        + (f"\n  Flax leaves without a PyTorch parameter: {unmatched}" if unmatched else "")
+        + (f"\n  name_map names unknown PyTorch parameters: {stray}" if stray else "")
+        + (
+            "\nPass name_map={torch_name: flax_path} for the names the rules miss."
+            if match == "names" else ""
+        )
+    )
+  order = {n: i for i, n in enumerate(pairing.params)}
+  return tuple(sorted(pairing.matches, key=lambda m: order[m.torch_name]))
+
+
+def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> None:
+  """Pairs counted modules in order; on the first pair that does not fit,
+  stops with a side-by-side table of the modules around it."""
+  rows: list[tuple[str, str]] = []  # (torch side, flax side) per step, for the table
+  j = 0
+  leaf_shapes = {k: tuple(np.shape(v)) for k, v in pairing.leaves.items()}
+
+  def flax_text(name, paths):
+    return f"{name}: " + ", ".join(f"{p.rpartition('/')[2]}{list(leaf_shapes[p])}" for p in paths)
+
+  failed_at = None
+  for i, unit in enumerate(units):
+    torch_text = unit.describe(pairing.shapes)
+    if unit.converter is not None:
+      wanted = unit.converter.flax_modules(unit.module)
+      taken = flax_modules[j : j + len(wanted)]
+      text = "; ".join(flax_text(n, p) for n, p in taken) or "(none left)"
+      fits = len(taken) == len(wanted) and all(
+          n == w or n.endswith("/" + w) or not w for (n, _), w in zip(taken, wanted, strict=True)
+      )
+      rows.append((torch_text, text))
+      if not fits:
+        pairing.problems.append(
+            f"{unit.name or partition_lib.ROOT}: {type(unit.converter).__name__} expects "
+            f"the Flax modules {list(wanted)} next, found {[n for n, _ in taken]}"
+        )
+        failed_at = i
+        break
+      prefixes = {w: n for (n, _), w in zip(taken, wanted, strict=True)}
+      before = len(pairing.problems)
+      pairing.add_converted(unit, lambda rel, prefixes=prefixes: prefixes[rel])
+      j += len(wanted)
+      if len(pairing.problems) > before:
+        failed_at = i
+        break
+      continue
+    if j >= len(flax_modules):
+      rows.append((torch_text, "(none left)"))
+      pairing.problems.append(
+          f"PyTorch has more counted modules than Flax ({len(flax_modules)}): "
+          f"{unit.name or partition_lib.ROOT} has no partner"
+      )
+      failed_at = i
+      break
+    flax_name, paths = flax_modules[j]
+    j += 1
+    rows.append((torch_text, flax_text(flax_name, paths)))
+    by_role = {role(p.rpartition("/")[2]): p for p in paths}
+    torch_roles = {role(n.rpartition(".")[2]): n for n in unit.params}
+    if set(by_role) != set(torch_roles) or len(by_role) != len(paths):
+      pairing.problems.append(
+          f"{unit.name or partition_lib.ROOT} {sorted(torch_roles)} and {flax_name} "
+          f"{sorted(by_role)} hold parameters of different roles"
+      )
+      failed_at = i
+      break
+    before = len(pairing.problems)
+    rule = weight_rule(unit.module)
+    for r, torch_name in torch_roles.items():
+      flax_path = by_role[r]
+      if r == "weight" and rule is not None:
+        layout = rule[1]
+      else:
+        layout = layout_for(flax_path, pairing.params[torch_name].ndim)
+      pairing.add(torch_name, flax_path, layout)
+    if len(pairing.problems) > before:
+      failed_at = i
+      break
+  else:
+    if j < len(flax_modules):
+      extra = flax_modules[j]
+      rows.append(("(none left)", flax_text(*extra)))
+      pairing.problems.append(
+          f"Flax has {len(flax_modules) - j} counted module(s) more than PyTorch, from "
+          f"{extra[0]} on"
+      )
+      failed_at = len(rows) - 1
+  if failed_at is not None:
+    pairing.problems.append(_side_by_side(rows, failed_at))
+
+
+def _side_by_side(rows: list[tuple[str, str]], at: int, before: int = 3) -> str:
+  """The modules paired by order up to the first that differs, as a table."""
+  shown = rows[max(0, at - before) : at + 1]
+  width = max(len("PyTorch (named_modules order)"), *(len(t) for t, _ in shown))
+  lines = [f"    {'#':>3}  {'PyTorch (named_modules order)':<{width}}  Flax (registration order)"]
+  for k, (t, f) in enumerate(shown, start=max(0, at - before)):
+    mark = "  <- differs" if k == at else ""
+    lines.append(f"    {k:>3}  {t:<{width}}  {f}{mark}")
+  return "modules paired by order:\n" + "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Buffers: running statistics
+# --------------------------------------------------------------------------
+
+
+def match_buffers(
+    torch_module: Any, target: Any, matches: Sequence[ParameterMatch]
+) -> tuple[ParameterMatch, ...]:
+  """Pairs BatchNorm running statistics with Flax batch statistics.
+
+  ``running_mean`` and ``running_var`` of a ``BatchNorm*`` module go to
+  ``mean`` and ``var`` of the Flax module its parameters matched (linen's
+  ``batch_stats`` collection, NNX ``nnx.BatchStat`` variables).
+  ``num_batches_tracked`` has no Flax counterpart and is not carried.
+
+  Returns:
+    One match per statistic (``flax_name`` is the path in the batch-stats
+    tree); empty when the Flax side has no batch statistics (a params tree).
+
+  Raises:
+    ValueError: statistics on one side without a partner on the other.
+  """
+  stats = flax_batch_stats(target)
+  leaves = dict(leaves_with_names(stats)) if stats is not None else {}
+  if not leaves:
+    return ()
+  nn = _torch().nn
+  flax_module_of = {m.torch_name.rpartition(".")[0]: m.flax_name.rpartition("/")[0] for m in matches}
+  out, problems = [], []
+  for module_name, module in torch_module.named_modules():
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:  # pylint: disable=protected-access
+      continue
+    flax_module = flax_module_of.get(module_name, module_name.replace(".", "/"))
+    for buffer, leaf in (("running_mean", "mean"), ("running_var", "var")):
+      torch_name = f"{module_name}.{buffer}" if module_name else buffer
+      flax_name = f"{flax_module}/{leaf}" if flax_module else leaf
+      shape = tuple(getattr(module, buffer).shape)
+      if flax_name not in leaves:
+        problems.append(f"{torch_name!r} -> {flax_name!r}: no such Flax batch statistic")
+      elif tuple(np.shape(leaves[flax_name])) != shape:
+        problems.append(f"{torch_name!r} {shape} -> {flax_name!r} {np.shape(leaves[flax_name])}: shapes differ")
+      else:
+        out.append(ParameterMatch(torch_name, flax_name, "identity", shape, shape))
+  unmatched = sorted(set(leaves) - {m.flax_name for m in out})
+  if problems or unmatched:
+    raise ValueError(
+        "PyTorch running statistics and Flax batch statistics do not match"
+        + "".join(f"\n  {p}" for p in problems)
+        + (f"\n  Flax batch statistics without a PyTorch buffer: {unmatched}" if unmatched else "")
+    )
+  return tuple(out)
