@@ -4,11 +4,13 @@ The encoder's blocks are built once with ``nn.scan``, so each block
 parameter is one array with a layer axis (``blocks/mlp_in/kernel`` has shape
 ``(layers, d, 4 d)``). STAC is told so with ``stacked_modules={'blocks': 0}``
 and counts every layer's modules as the unrolled model would
-(``blocks/0/ln1 ... blocks/5/mlp_out``); since ``nn.scan`` returns a block's
-sub-modules sorted by name, ``module_order`` names them once in the order
-the block creates them. The default cap then ends inside the last block: its
-stacked arrays are cut along the layer axis at every step, the cap layers
-alone holding AdamW moments.
+(``blocks/0/ln1 ... blocks/5/mlp_out``). ``nn.scan`` returns a block's
+sub-modules sorted by name; given a builder (``lambda: model.init(...)``),
+STAC records the order in which the block calls them instead, which the
+partition checks below against ``MODULE_ORDER``, the order written out as
+``module_order=`` would take it for a params dict. The default cap then ends
+inside the last block: its stacked arrays are cut along the layer axis at
+every step, the cap layers alone holding AdamW moments.
 
 The task: sequences of tokens, labelled by whether token 0 occurs more often
 than token 1. The same model is trained with STAC and with AdamW.
@@ -66,7 +68,8 @@ class Encoder(nn.Module):
     return nn.Dense(2, name="head")(x)
 
 
-# The creation order, each sub-module of the scanned block named once.
+# The creation order, each sub-module of the scanned block named once: the
+# module_order a params dict (sorted inside the scan) would need.
 MODULE_ORDER = (
     "token", "position",
     "blocks/ln1", "blocks/attn/query", "blocks/attn/key", "blocks/attn/value",
@@ -124,7 +127,10 @@ def main(argv=None):
   model = Encoder(args.layers)
   init = lambda: model.init(jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))  # noqa: E731
   # The builder is traced once under jax.eval_shape: no parameter is allocated.
-  part = stac_optax.partition_modules(init, stacked_modules={"blocks": 0}, module_order=MODULE_ORDER)
+  part = stac_optax.partition_modules(init, stacked_modules={"blocks": 0})
+  # the same partition as with the order written out (what a params dict needs)
+  assert part == stac_optax.partition_modules(
+      init()["params"], stacked_modules={"blocks": 0}, module_order=MODULE_ORDER)
   print(f"{part.trainable_module_count} counted modules ({args.layers} layers of 8, and 4 more)")
   print(part)
   params = init()["params"]

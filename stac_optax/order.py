@@ -32,6 +32,7 @@ warns with :class:`ModuleOrderWarning`. Both name the fix. ``module_order=``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -81,6 +82,9 @@ class Discovery:
   Attributes:
     from_dict_order: the order was read from dict insertion order (a tree),
       rather than from NNX's record of attribute assignments.
+    call_order: linen module paths in the order a builder first called
+      them (``None`` when not recorded); it orders the sub-modules of stacked
+      modules, which ``nn.scan`` returns sorted.
     node_paths: every node, pre-order.
     parameters: candidate parameters (first owner only) with their leaves;
       from a builder, the leaves are ``jax.ShapeDtypeStruct``.
@@ -91,6 +95,7 @@ class Discovery:
   parameters: list[tuple[Path, Any]]
   aliases: dict[str, str]
   from_dict_order: bool = False
+  call_order: list[Path] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -227,13 +232,17 @@ def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> D
     pass
 
   result: list[Discovery] = []
+  calls: list[Path] = []
 
   def build() -> None:
-    built = builder()
+    with _recording_linen_calls(calls):
+      built = builder()
     _check_built(built)
     found = _discover_value(built, check_order, candidate, what="the model builder's result")
     abstract = [(path, _abstract(leaf)) for path, leaf in found.parameters]
-    result.append(dataclasses.replace(found, parameters=abstract))
+    result.append(
+        dataclasses.replace(found, parameters=abstract, call_order=list(calls) or None)
+    )
 
   try:
     jax.eval_shape(build)
@@ -245,6 +254,32 @@ def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> D
     )
     raise
   return result[0]
+
+
+@contextlib.contextmanager
+def _recording_linen_calls(calls: list[Path]):
+  """Records the path of each linen module at its first method call.
+
+  Inside ``nn.scan`` (and other lifted transforms) the modules of a block are
+  still called in the order the block runs them, although the variables
+  come back sorted by name.
+  """
+  try:
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    yield
+    return
+  seen: set[Path] = set()
+
+  def record(method, args, kwargs, context):
+    path = getattr(context.module, "path", None)
+    if isinstance(path, tuple) and path not in seen:
+      seen.add(path)
+      calls.append(path)
+    return method(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    yield
 
 
 def _dtype_of(value: Any) -> Any:

@@ -100,6 +100,18 @@ def test_sorted_submodules_of_nn_scan_warn_and_name_the_fix():
   assert part.module_names[1:4] == ("blocks/0/down", "blocks/0/norm", "blocks/0/up")
 
 
+def test_a_linen_builder_records_the_order_inside_nn_scan():
+  def build():
+    return sm.LinenScanNet().init(jax.random.key(0), jnp.ones((1, sm.WIDTH)))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", stac_optax.ModuleOrderWarning)
+    part = stac_optax.partition_modules(build, stacked_modules={"blocks": 0}, last_n_modules=3)
+  twin = stac_optax.partition_modules(sm.NNXUnrolledNet(nnx.Rngs(0)), last_n_modules=3)
+  assert part.module_names == twin.module_names
+  assert part.adamw_module_names == ("blocks/5/down", "blocks/5/norm", "head")
+
+
 @pytest.mark.parametrize("form", ["nnx_vmap", "dict_axis0"])
 def test_recorded_or_unsorted_orders_do_not_warn(form):
   model, kwargs = _stacked_forms()[form]
