@@ -5,5 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 export STAC_OPTIMIZER_015="${STAC_OPTIMIZER_015:-$venv/stac-optimizer-0.1.5}"
 export STAC_TORCHVISION="${STAC_TORCHVISION:-$venv/torchvision-0.29.1}"
 # Two workers, each file on one of them (module fixtures run once); the
-# development and CI machines have 2 cores. STAC_TEST_WORKERS=0 runs serially.
-python -m pytest -q -n "${STAC_TEST_WORKERS:-2}" --dist loadfile "$@"
+# development and CI machines have 2 cores. Files are handed out in collection
+# order, which tests/conftest.py starts with the slowest ones (xdist would
+# otherwise sort them by their number of tests). STAC_TEST_WORKERS=0 runs serially.
+python -m pytest -q -n "${STAC_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

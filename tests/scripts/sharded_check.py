@@ -42,14 +42,20 @@ def run(params, tx, grads_list, shardings=None):
   return params, state
 
 
-def report_for(mesh_name, mesh, shardings_fn):
+def setup():
   params = sharded_training.init_params(jax.random.key(0))
   part = stac_optax.partition_modules(params)
   tx = stac_optax.stac(part, 1e-2, weight_decay=1e-2)
   grads_list = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params)
                 for k in range(6)]
   grads_list[3] = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads_list[3])
-  single_params, single_state = run(params, tx, grads_list)
+  return params, tx, grads_list
+
+
+def report_for(mesh_name, mesh, shardings_fn, case, single):
+  """The run of ``case`` sharded on ``mesh``, against ``single``: the same run on one device."""
+  params, tx, grads_list = case
+  single_params, single_state = single
   shardings = shardings_fn(mesh, params)
   sharded_params, sharded_state = run(params, tx, grads_list, shardings)
 
@@ -85,9 +91,11 @@ def report_for(mesh_name, mesh, shardings_fn):
 
 def main():
   devices = np.array(jax.devices())
+  case = setup()
+  single = run(*case)  # one reference for both meshes (run copies the params it donates)
   reports = [
-      report_for("fsdp", jax.sharding.Mesh(devices, ("fsdp",)), fsdp_sharding),
-      report_for("data x model", sharded_training.make_mesh(4), sharded_training.param_sharding),
+      report_for("fsdp", jax.sharding.Mesh(devices, ("fsdp",)), fsdp_sharding, case, single),
+      report_for("data x model", sharded_training.make_mesh(4), sharded_training.param_sharding, case, single),
   ]
   example = sharded_training.main(["--steps", "60"])
   print("REPORT " + json.dumps({"reports": reports, "example": {
