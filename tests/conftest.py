@@ -28,6 +28,8 @@ SLOW_FILES = (
     "test_examples.py",
     "test_properties.py",
     "test_optax_conformance.py",
+    "test_stacked.py",
+    "test_torch_real_models.py",
     "test_compile.py",
     "test_ecosystem.py",
     "test_resume_after_crash.py",
@@ -41,6 +43,7 @@ SLOW_FILES = (
     "test_multiprocess.py",
     "test_torch_interop.py",
     "test_transforms.py",
+    "test_stacked_parity.py",
 )
 
 
