@@ -81,17 +81,24 @@ def unstack(flat: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> dict[
   return out
 
 
-def stacked_entry(name: str, n: int, values: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> Any:
-  """The value of a tree entry from per-layer values: ``values[name]``, or
-  for an entry holding ``n`` layers of a stacked array (whole, ``<cap>`` or
-  ``<trunk>`` side), those layers stacked along its layer axis."""
+def _layers(array: _Array, start: int, n: int, values: Mapping[str, Any]) -> np.ndarray:
+  return np.stack([np.asarray(values[array.names[start + j]]) for j in range(n)], axis=array.axis)
+
+
+def stacked_entry(
+    name: str, shape: Sequence[int], values: Mapping[str, Any], matches: Sequence[ParameterMatch]
+) -> Any:
+  """The value of a tree entry of ``shape`` from per-layer values:
+  ``values[name]``, or for an entry holding layers of a stacked array (the
+  whole array, its ``<cap>`` or its ``<trunk>`` side), those layers stacked
+  along its layer axis."""
   arrays = _arrays(matches)
   found = _entry(name, arrays)
   if found is None:
     return values[name]
   array = arrays[found[0]]
-  start = _first_layer(array, found[1], n)
-  return np.stack([np.asarray(values[array.names[start + j]]) for j in range(n)], axis=array.axis)
+  n = shape[array.axis]
+  return _layers(array, _first_layer(array, found[1], n), n, values)
 
 
 def stack(values: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> dict[str, Any]:
@@ -103,5 +110,5 @@ def stack(values: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> dict[
   layer_names = {n for a in arrays.values() for n in a.names.values()}
   out = {k: v for k, v in values.items() if k not in layer_names}
   for name, array in arrays.items():
-    out[name] = stacked_entry(name, array.layers, values, matches)
+    out[name] = _layers(array, 0, array.layers, values)
   return out
