@@ -14,6 +14,7 @@ import optax
 import pytest
 import stac_optimizer
 import torch
+from flax import nnx
 
 import stac_optax
 from stac_optax import torch_interop
@@ -90,6 +91,11 @@ def test_a_torch_model_with_another_layer_count_is_refused_with_both_counts():
     torch_interop.params_from_torch(deeper, sm.linen_scan_params(), stacked_modules=STACKED)
 
 
+def test_a_scanned_target_without_stacked_modules_gets_a_hint(torch_net):
+  with pytest.raises(ValueError, match=r"Pass stacked_modules=\{'blocks': <layer axis>\}"):
+    torch_interop.params_from_torch(torch_net, sm.linen_scan_params(), stacked_modules={})
+
+
 def _grads(seed: int, torch_net) -> list[dict]:
   rng = np.random.default_rng(seed)
   return [
@@ -147,6 +153,16 @@ def test_a_run_moves_from_unrolled_torch_to_scanned_jax_and_back(torch_net, amsg
     assert float(got["step"]) == float(want["step"]) == 2 * STEPS
     for key in keys:
       np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+
+
+def test_an_nnx_vmap_model_takes_the_same_layers(torch_net):
+  model = sm.NNXVmapNet(nnx.Rngs(0))  # NNX keeps the block's creation order
+  params = torch_interop.params_from_torch(torch_net, model, stacked_modules=STACKED)
+  chex.assert_trees_all_equal(nnx.to_pure_dict(params), sm.stack(_hand_twin(torch_net)))
+  nnx.update(model, params)
+  back = TorchNet()
+  torch_interop.params_to_torch(model, back, stacked_modules=STACKED)
+  _assert_same_weights(back, torch_net)
 
 
 def test_check_parity_of_an_unrolled_torch_model_and_its_scanned_twin(torch_net):

@@ -435,6 +435,7 @@ def match_parameters(
         + (f"\n  Flax leaves without a PyTorch parameter: {unmatched}" if unmatched else "")
         + (f"\n  name_map names unknown PyTorch parameters: {stray}" if stray else "")
         + _layer_count_note(layers, pairing.params)
+        + ("" if layers else _stacked_hint(pairing.params, unmatched))
         + (
             "\nPass name_map={torch_name: flax_path} for the names the rules miss."
             if match == "names" else ""
@@ -462,6 +463,22 @@ def _layer_count_note(layers: Mapping[str, StackedLayer], torch_names) -> str:
           f"PyTorch has {len(found)} under {prefix[:-1]!r} (indices {min(found)}..{max(found)})"
       )
   return "".join(lines)
+
+
+def _stacked_hint(torch_names, unmatched: Sequence[str]) -> str:
+  """A hint when unmatched Flax leaves look like stacked arrays of PyTorch's
+  numbered layers (``blocks/up/kernel`` beside ``blocks.0.up.weight``)."""
+  for name in torch_names:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+      module = "/".join(parts[:i])
+      rest = "/".join(parts[i + 1 : -1])
+      if part.isdigit() and module and any(u.startswith(f"{module}/{rest}/") for u in unmatched):
+        return (
+            f"\nIs {module!r} a stacked (scanned) Flax module holding PyTorch's "
+            f"{'.'.join(parts[:i])}.0, .1, ...? Pass stacked_modules={{{module!r}: <layer axis>}}."
+        )
+  return ""
 
 
 def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> None:
