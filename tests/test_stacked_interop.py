@@ -9,16 +9,19 @@ import copy
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import stac_optimizer
 import torch
+from flax import linen as nn
 from flax import nnx
 
 import stac_optax
 from stac_optax import torch_interop
 from tests import stacked_models as sm
+from tests.test_stacked import _PartitionedBlock
 from tests.test_stacked_parity import TorchNet
 
 STACKED = {"blocks": 0}
@@ -89,6 +92,34 @@ def test_a_torch_model_with_another_layer_count_is_refused_with_both_counts():
   deeper.blocks.append(copy.deepcopy(deeper.blocks[0]))
   with pytest.raises(ValueError, match=r"'blocks' holds 6 layers \(layer axis 0\) but PyTorch has 7"):
     torch_interop.params_from_torch(deeper, sm.linen_scan_params(), stacked_modules=STACKED)
+
+
+class _PartitionedNet(nn.Module):
+  """The scanned net with the logical axis name 'layers' on its stacked params."""
+
+  axis: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(sm.WIDTH, name="stem")(x)
+    x, _ = nn.scan(
+        _PartitionedBlock, variable_axes={"params": self.axis}, split_rngs={"params": True},
+        length=sm.LAYERS, metadata_params={nn.PARTITION_NAME: "layers"},
+    )(name="blocks")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_the_layer_axis_is_read_from_logical_axis_names_by_default(torch_net, axis):
+  def build():
+    return _PartitionedNet(axis).init(jax.random.key(0), jnp.ones((1, sm.WIDTH)))
+
+  # stacked_modules=None: read from the axis name; nn.scan sorts the block's sub-modules
+  variables = torch_interop.variables_from_torch(torch_net, build, module_order=sm.ORDER)
+  chex.assert_trees_all_equal(nn.unbox(variables["params"]), sm.stack(_hand_twin(torch_net), axis=axis))
+  back = TorchNet()
+  torch_interop.params_to_torch(variables, back)
+  _assert_same_weights(back, torch_net)
 
 
 def test_a_scanned_target_without_stacked_modules_gets_a_hint(torch_net):

@@ -46,6 +46,8 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
 
   def fill(path, leaf):
     value = jnp.asarray(values[path_name(path)], dtype=jnp.result_type(unbox(leaf)))
+    if is_parameter_leaf(leaf) and hasattr(leaf, "replace_boxed"):  # linen nn.Partitioned
+      return leaf.replace_boxed(value)
     return leaf.replace(value) if is_parameter_leaf(leaf) and hasattr(leaf, "replace") else value
 
   def visit(node, path):

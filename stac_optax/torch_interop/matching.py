@@ -33,7 +33,13 @@ import numpy as np
 from stac_optax import order as order_lib
 from stac_optax import partition as partition_lib
 from stac_optax import stacked as stacked_lib
-from stac_optax._tree import is_nnx_module, leaves_with_names, looks_like_linen_variables, path_name
+from stac_optax._tree import (
+    is_nnx_module,
+    leaves_with_names,
+    looks_like_linen_variables,
+    path_name,
+    unbox,
+)
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.layouts import (
     ModuleConverter,
@@ -138,7 +144,7 @@ def _per_layer_leaves(leaves: Mapping[str, Any], layers: Mapping[str, StackedLay
   """``leaves`` with each stacked array replaced by its layers' shapes."""
   out = {k: v for k, v in leaves.items() if k not in {x.array_name for x in layers.values()}}
   for name, layer in layers.items():
-    array = leaves.get(layer.array_name)
+    array = unbox(leaves.get(layer.array_name))
     if array is not None:
       shape = list(np.shape(array))
       del shape[layer.axis]

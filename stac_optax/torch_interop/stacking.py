@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from stac_optax import stacked as stacked_lib
+from stac_optax._tree import unbox
 from stac_optax.torch_interop.layouts import ParameterMatch
 
 
@@ -68,7 +69,7 @@ def unstack(flat: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> dict[
       out[name] = value
       continue
     array = arrays[found[0]]
-    value = np.asarray(jax.device_get(value))
+    value = np.asarray(jax.device_get(unbox(value)))
     n = value.shape[array.axis]
     start = _first_layer(array, found[1], n)
     if start < 0:
