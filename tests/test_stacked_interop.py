@@ -127,6 +127,18 @@ def test_a_scanned_target_without_stacked_modules_gets_a_hint(torch_net):
     torch_interop.params_from_torch(torch_net, sm.linen_scan_params(), stacked_modules={})
 
 
+def test_freezing_some_layers_of_a_stacked_array_is_refused(torch_net):
+  module = copy.deepcopy(torch_net)
+  module.blocks[2].up.weight.requires_grad_(False)
+  matches = torch_interop.match_parameters(module, sm.linen_scan_params(), stacked_modules=STACKED)
+  with pytest.raises(ValueError, match="'blocks/up/kernel' are frozen in PyTorch for some"):
+    torch_interop.trainable_from_torch(module, matches)
+  for block in module.blocks:  # all layers frozen: the whole array is
+    block.up.weight.requires_grad_(False)
+  trainable = torch_interop.trainable_from_torch(module, matches)
+  assert not trainable("blocks/up/kernel", None) and trainable("blocks/up/bias", None)
+
+
 def _grads(seed: int, torch_net) -> list[dict]:
   rng = np.random.default_rng(seed)
   return [

@@ -34,7 +34,9 @@ def trainable_from_torch(torch_module: Any, matches) -> Any:
   grad = {n: p.requires_grad for n, p in torch_module.named_parameters()}
   flags: dict[str, bool] = {}
   for m in matches:
-    if flags.setdefault(m.array_name, grad[m.torch_name]) != grad[m.torch_name]:
+    if m.layer is None:
+      flags[m.flax_name] = grad[m.torch_name]
+    elif flags.setdefault(m.array_name, grad[m.torch_name]) != grad[m.torch_name]:
       layers = [x.torch_name for x in matches if x.array_name == m.array_name]
       raise ValueError(
           f"the layers of the stacked Flax array {m.array_name!r} are frozen in "
