@@ -4,10 +4,13 @@ PyTorch has no stacked layers: its ``nn.ModuleList`` of blocks is the
 reference. The JAX twin is the linen ``nn.scan`` net of
 ``tests/stacked_models.py``; both hold the same weights, get the same
 gradients, and every parameter and cap moment is compared after every step.
+Weights and gradients cross with ``torch_interop`` (``stacked_modules=``),
+whose layer-by-layer mapping ``tests/test_stacked_interop.py`` checks
+against a conversion by hand.
 """
 
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -15,6 +18,7 @@ import stac_optimizer
 import torch
 
 import stac_optax
+from stac_optax import torch_interop
 from tests import stacked_models as sm
 
 STEPS = 10
@@ -36,22 +40,7 @@ class TorchNet(torch.nn.Module):
     self.head = torch.nn.Linear(sm.WIDTH, 2)
 
 
-def _to_torch_layout(name: str, value: np.ndarray) -> np.ndarray:
-  return value.T if name.endswith("kernel") else value
-
-
-def _torch_name(flax_name: str) -> str:
-  """``blocks/3/up/kernel`` -> ``blocks.3.up.weight`` (``scale`` -> ``weight``)."""
-  *module, leaf = flax_name.split("/")
-  return ".".join([*module, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
-
-
-def _key(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _flat(twin: dict) -> dict:
-  return {_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(twin)}
+STACKED = {"blocks": 0}
 
 
 @pytest.mark.parametrize(
@@ -69,15 +58,12 @@ def test_scanned_jax_model_matches_unrolled_torch_model(kwargs):
   params = sm.linen_scan_params()
   torch.manual_seed(0)
   tm = TorchNet()
-  with torch.no_grad():  # the torch model takes the JAX weights
-    named = dict(tm.named_parameters())
-    for name, value in _flat(sm.unrolled(params)).items():
-      named[_torch_name(name)].copy_(torch.from_numpy(_to_torch_layout(name, value).copy()))
+  torch_interop.params_to_torch(params, tm, stacked_modules=STACKED)  # the JAX weights
   opt = stac_optimizer.STAC(tm, lr=lr, **kwargs)
-  tx = stac_optax.stac(params, lr, stacked_modules={"blocks": 0}, module_order=sm.ORDER, **kwargs)
+  tx = stac_optax.stac(params, lr, stacked_modules=STACKED, module_order=sm.ORDER, **kwargs)
   (torch_cap,) = [g["module_names"] for g in opt.param_groups if g["stac_role"] == "adamw"]
   part = stac_optax.partition_modules(
-      params, stacked_modules={"blocks": 0}, module_order=sm.ORDER,
+      params, stacked_modules=STACKED, module_order=sm.ORDER,
       **{k: v for k, v in kwargs.items() if k in ("last_n_modules", "last_n_ratio")},
   )
   assert part.adamw_module_names == tuple(c.replace(".", "/") for c in torch_cap)
@@ -91,23 +77,17 @@ def test_scanned_jax_model_matches_unrolled_torch_model(kwargs):
     for n, p in tm.named_parameters():
       p.grad = torch.from_numpy(grads[n])
     opt.step()
-    twin_grads = jax.tree_util.tree_map_with_path(
-        lambda path, _, grads=grads: jnp.asarray(_to_torch_layout(
-            _key(path), grads[_torch_name(_key(path))])),
-        sm.unrolled(params),
-    )
-    updates, state = update(sm.stack(twin_grads), state, params)
+    stacked_grads = torch_interop.tree_from_torch(tm, grads, params, stacked_modules=STACKED)
+    updates, state = update(stacked_grads, state, params)
     params = optax.apply_updates(params, updates)
 
-    named = dict(tm.named_parameters())
-    for name, value in _flat(sm.unrolled(params)).items():
-      want = named[_torch_name(name)].detach().numpy()
-      np.testing.assert_allclose(_to_torch_layout(name, value), want, rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+    want = torch_interop.params_from_torch(tm, params, stacked_modules=STACKED)
+    chex.assert_trees_all_close(params, want, rtol=1e-5, atol=1e-6)
   # the cap moments of the cut arrays are those of the cap layers in torch
   mu = state.inner_state.inner_states["adamw"].inner_state[0].mu
   cut = mu["blocks"]["down"]["kernel"]
   layers = cut.cap.shape[0]
+  named = dict(tm.named_parameters())
   for i in range(layers):
     layer = sm.LAYERS - layers + i
     torch_mu = opt.state[named[f"blocks.{layer}.down.weight"]]["exp_avg"].numpy()

@@ -17,7 +17,9 @@ any other parameter ``name``       ``name``                   as is
 
 ``name_map={torch_name: flax_path}`` overrides the names where the rules do
 not fit; the layout then follows the Flax leaf (a 2-D ``kernel`` is
-transposed, a conv ``kernel`` has its axes moved).
+transposed, a conv ``kernel`` has its axes moved). ``stacked_modules=``
+(as in :func:`stac_optax.stac`) matches an unrolled PyTorch model with a
+scanned Flax model: ``blocks.3.up.weight`` is layer 3 of ``blocks/up/kernel``.
 
 * :func:`params_from_torch` / :func:`params_to_torch`: weights.
 * :func:`from_torch`: a torch ``STAC`` run (module + optimizer) to the
@@ -40,6 +42,7 @@ from stac_optax.torch_interop.layouts import (
     MultiheadAttentionConverter,
     ParameterMatch,
     Piece,
+    StackedLayer,
 )
 from stac_optax.torch_interop.matching import (
     flax_batch_stats,
@@ -70,6 +73,7 @@ __all__ = (
     "ParameterMatch",
     "ParityReport",
     "Piece",
+    "StackedLayer",
     "buffers_from_torch",
     "check_parity",
     "flax_batch_stats",

@@ -1,5 +1,13 @@
 """Weights, running statistics and other per-parameter values, PyTorch to
-Flax and back."""
+Flax and back.
+
+Every function takes the matching arguments of
+:func:`~stac_optax.torch_interop.match_parameters`: ``name_map``,
+``match``, ``converters``, and for a scanned Flax model ``stacked_modules``
+(``{'blocks': 0}``: the unrolled ``blocks.3.up.weight`` is layer 3 of
+``blocks/up/kernel``, its layers stacked along axis 0) and
+``module_order``.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from stac_optax.torch_interop.matching import (
   match_parameters,
   traces_builders_once,
 )
+from stac_optax.torch_interop.stacking import stack, unstack
 
 
 def _fill(template: Any, values: Mapping[str, Any]) -> Any:
@@ -37,6 +46,8 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
 
   def fill(path, leaf):
     value = jnp.asarray(values[path_name(path)], dtype=jnp.result_type(unbox(leaf)))
+    if is_parameter_leaf(leaf) and hasattr(leaf, "replace_boxed"):  # linen nn.Partitioned
+      return leaf.replace_boxed(value)
     return leaf.replace(value) if is_parameter_leaf(leaf) and hasattr(leaf, "replace") else value
 
   def visit(node, path):
@@ -56,6 +67,14 @@ def _tree_from_values(target: Any, values: Mapping[str, Any]) -> Any:
   return _fill(flax_params(target), values)
 
 
+def _how(name_map, match, converters, stacked_modules, module_order) -> dict[str, Any]:
+  """The matching arguments, passed on as they came."""
+  return {
+      "name_map": name_map, "match": match, "converters": converters,
+      "stacked_modules": stacked_modules, "module_order": module_order,
+  }
+
+
 def _nnx_state(model: Any, *filters: Any) -> Any:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -71,6 +90,8 @@ def tree_from_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> Any:
   """Per-parameter tensors keyed by PyTorch name (weights, gradients,
   moments) as a Flax tree with the params' structure and layouts.
@@ -97,8 +118,9 @@ def tree_from_torch(
     'Param'
     >>> _ = optimizer.update(model, grads)
   """
-  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
-  values = {m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches}
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  matches = match_parameters(torch_module, target, **how)
+  values = stack({m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches}, matches)
   if is_nnx_module(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -114,6 +136,8 @@ def params_from_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> Any:
   """The PyTorch module's weights as a Flax params tree shaped like
   ``target``'s (plain arrays).
@@ -133,9 +157,12 @@ def params_from_torch(
     >>> bool(np.allclose(twin(x), linear(torch.from_numpy(x)).detach().numpy(), atol=1e-6))
     True
   """
-  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  matches = match_parameters(torch_module, target, **how)
   weights = dict(torch_module.named_parameters())
-  return _tree_from_values(target, {m.flax_name: m.to_flax(weights[m.torch_name]) for m in matches})
+  return _tree_from_values(
+      target, stack({m.flax_name: m.to_flax(weights[m.torch_name]) for m in matches}, matches)
+  )
 
 
 @traces_builders_once
@@ -146,6 +173,8 @@ def buffers_from_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> Any:
   """The PyTorch module's BatchNorm running statistics as the target's batch
   statistics: linen's ``batch_stats`` collection, or an NNX module's
@@ -157,7 +186,8 @@ def buffers_from_torch(
   stats = flax_batch_stats(target)
   if stats is None:
     return None
-  matches = match_parameters(torch_module, target, name_map=name_map, match=match, converters=converters)
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  matches = match_parameters(torch_module, target, **how)
   buffers = dict(torch_module.named_buffers())
   return _fill(stats, {b.flax_name: b.to_flax(buffers[b.torch_name]) for b in match_buffers(torch_module, target, matches)})
 
@@ -170,6 +200,8 @@ def variables_from_torch(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> Any:
   """Weights and running statistics together, ready to use.
 
@@ -181,9 +213,9 @@ def variables_from_torch(
     ``nnx.State`` of its ``nnx.Param`` and ``nnx.BatchStat`` variables, for
     ``nnx.update(model, state)``. For a params tree: the params.
   """
-  kwargs = {"name_map": name_map, "match": match, "converters": converters}
-  params = params_from_torch(torch_module, target, **kwargs)
-  stats = buffers_from_torch(torch_module, target, **kwargs)
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  params = params_from_torch(torch_module, target, **how)
+  stats = buffers_from_torch(torch_module, target, **how)
   if order_lib.is_builder(target) and looks_like_linen_variables(built := jax.eval_shape(target)):
     return {**built, "params": params, **({"batch_stats": stats} if stats is not None else {})}
   if looks_like_linen_variables(target):
@@ -206,15 +238,16 @@ def tree_to_torch(
     target: Any | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
   """A Flax tree with the params' paths (arrays or NNX variables) as
   ``{torch_name: array}`` in PyTorch layout; a fused parameter is put back
   together from its leaves."""
-  matches = match_parameters(
-      torch_module, tree if target is None else target, name_map=name_map, match=match, converters=converters
-  )
-  flat = dict(leaves_with_names(tree))
-  return assemble(matches, lambda m: unbox(flat[m.flax_name]))
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  matches = match_parameters(torch_module, tree if target is None else target, **how)
+  flat = unstack({k: unbox(v) for k, v in leaves_with_names(tree)}, matches)
+  return assemble(matches, lambda m: flat[m.flax_name])
 
 
 def _stats_source(params_or_model: Any) -> Any:
@@ -233,6 +266,8 @@ def params_to_torch(
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
     target: Any | None = None,
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> None:
   """Copies Flax weights into the PyTorch module's parameters, in place;
   given an NNX module or a linen variables dict with batch statistics, the
@@ -243,10 +278,8 @@ def params_to_torch(
   order, the registration order, where ``params_or_model`` has lost it (a
   dict that went through ``jax.tree.map`` or ``jax.jit`` is sorted).
   """
-  matches = match_parameters(
-      torch_module, params_or_model if target is None else target,
-      name_map=name_map, match=match, converters=converters,
-  )
+  how = _how(name_map, match, converters, stacked_modules, module_order)
+  matches = match_parameters(torch_module, params_or_model if target is None else target, **how)
   write_to_torch(torch_module, *values_for_torch(params_or_model, torch_module, matches))
 
 
@@ -255,8 +288,8 @@ def values_for_torch(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """``({parameter: array}, {buffer: array})`` in PyTorch layout, from the
   weights and (where it carries them) batch statistics of the Flax side."""
-  flat = dict(leaves_with_names(flax_params(params_or_model)))
-  weights = assemble(matches, lambda m: unbox(flat[m.flax_name]))
+  flat = unstack({k: unbox(v) for k, v in leaves_with_names(flax_params(params_or_model))}, matches)
+  weights = assemble(matches, lambda m: flat[m.flax_name])
   stats = _stats_source(params_or_model)
   buffers = {}
   if stats is not None:

@@ -50,6 +50,26 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class StackedLayer:
+  """Where one layer of a stacked (scanned) Flax array lies.
+
+  Attributes:
+    stacked_module: the stacked module's path (``blocks``).
+    array_name: the stacked array's path in the params tree
+      (``blocks/up/kernel``).
+    axis: its layer axis.
+    index: the layer.
+    layers: how many layers the array holds.
+  """
+
+  stacked_module: str
+  array_name: str
+  axis: int
+  index: int
+  layers: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ParameterMatch:
   """One PyTorch parameter (or a block of its rows) and its Flax leaf.
 
@@ -64,6 +84,9 @@ class ParameterMatch:
     rows: ``(start, stop)`` when the leaf is a block of rows of the PyTorch
       parameter (``in_proj_weight``'s query, key or value third); ``None``
       for the whole parameter.
+    layer: for a layer of a stacked array, where it lies; ``flax_name`` is
+      then the per-layer name (``blocks/3/up/kernel``, layer 3 of
+      ``blocks/up/kernel``) and ``flax_shape`` the shape of one layer.
   """
 
   torch_name: str
@@ -72,6 +95,12 @@ class ParameterMatch:
   torch_shape: tuple[int, ...]
   flax_shape: tuple[int, ...]
   rows: tuple[int, int] | None = None
+  layer: StackedLayer | None = None
+
+  @property
+  def array_name(self) -> str:
+    """The path of the array this leaf is (or is a layer of) in the params tree."""
+    return self.flax_name if self.layer is None else self.layer.array_name
 
   @property
   def piece_shape(self) -> tuple[int, ...]:

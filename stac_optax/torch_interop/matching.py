@@ -27,15 +27,24 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stac_optax import order as order_lib
 from stac_optax import partition as partition_lib
-from stac_optax._tree import is_nnx_module, leaves_with_names, looks_like_linen_variables
+from stac_optax import stacked as stacked_lib
+from stac_optax._tree import (
+    is_nnx_module,
+    leaves_with_names,
+    looks_like_linen_variables,
+    path_name,
+    unbox,
+)
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.layouts import (
     ModuleConverter,
     ParameterMatch,
+    StackedLayer,
     converter_for,
     layout_for,
     leaf_rule,
@@ -83,20 +92,64 @@ def _once(kind: str, target: Any, compute: Callable[[], Any]) -> Any:
   return cache[key]
 
 
-def counted_modules(target: Any):
+def counted_modules(target: Any, stacked_modules: Any = None, module_order: Any = None):
   """:func:`stac_optax.partition_modules` of ``target`` with every parameter
   trainable and no cap: the counted modules in registration order."""
-  return _once("modules", target, lambda: partition_lib.partition_modules(target, last_n_modules=0))
+  return _once("modules", target, lambda: partition_lib.partition_modules(
+      target, last_n_modules=0, stacked_modules=stacked_modules, module_order=module_order,
+  ))
 
 
-def partition_of(target: Any, trainable: Any = None, **cap: Any):
+def partition_of(
+    target: Any, trainable: Any = None, *, stacked_modules: Any = None,
+    module_order: Any = None, **cap: Any,
+):
   """:func:`stac_optax.partition_modules` of ``target``, from the one trace
   of a builder where nothing is frozen."""
   if trainable is not None:
-    return partition_lib.partition_modules(target, trainable=trainable, **cap)
+    return partition_lib.partition_modules(
+        target, trainable=trainable, stacked_modules=stacked_modules,
+        module_order=module_order, **cap,
+    )
   return partition_lib.partition_modules(
-      counted_modules(target), **(cap or {"last_n_ratio": partition_lib.DEFAULT_LAST_N_RATIO})
+      counted_modules(target, stacked_modules, module_order),
+      **(cap or {"last_n_ratio": partition_lib.DEFAULT_LAST_N_RATIO}),
   )
+
+
+def stacked_layers(target: Any, stacked_modules: Any = None) -> dict[str, StackedLayer]:
+  """``{per-layer name: StackedLayer}`` of every layer of every stacked
+  array of ``target``, as :func:`stac_optax.partition_modules` finds the
+  stacked modules from ``stacked_modules``; empty when there are none."""
+  if isinstance(stacked_modules, Mapping) and not stacked_modules:
+    return {}
+
+  def compute():
+    found = order_lib.discover(target, check_order=False)
+    out = {}
+    for stack in stacked_lib.resolve(stacked_modules, found.parameters, found.node_paths):
+      for path, _ in found.parameters:
+        if stack.holds(path):
+          relative = tuple(path[len(stack.path):])
+          for i in range(stack.layers):
+            out[stack.layer_name(i, relative)] = StackedLayer(
+                stack.name, path_name(path), stack.axis, i, stack.layers
+            )
+    return out
+
+  return _once("layers", target, compute)
+
+
+def _per_layer_leaves(leaves: Mapping[str, Any], layers: Mapping[str, StackedLayer]) -> dict[str, Any]:
+  """``leaves`` with each stacked array replaced by its layers' shapes."""
+  out = {k: v for k, v in leaves.items() if k not in {x.array_name for x in layers.values()}}
+  for name, layer in layers.items():
+    array = unbox(leaves.get(layer.array_name))
+    if array is not None:
+      shape = list(np.shape(array))
+      del shape[layer.axis]
+      out[name] = jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(array))
+  return out
 
 
 def flax_params(target: Any) -> Any:
@@ -178,20 +231,23 @@ def _torch_units(torch_module: Any, converters: Sequence[ModuleConverter]) -> li
   return units
 
 
-def _flax_modules(target: Any, aliases: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+def _flax_modules(
+    target: Any, aliases: Mapping[str, str], stacked_modules: Any, module_order: Any
+) -> list[tuple[str, tuple[str, ...]]]:
   """``(module path, leaf paths)`` of the Flax side's counted modules, in
-  the registration order :func:`stac_optax.partition_modules` reads."""
-  part = counted_modules(target)
+  the registration order :func:`stac_optax.partition_modules` reads (a
+  stacked module's once per layer, under per-layer names)."""
+  part = counted_modules(target, stacked_modules, module_order)
   return [
       (m.name, tuple(aliases.get(p, p) for p in m.parameter_names)) for m in part.modules
   ]
 
 
-def _tree_aliases(target: Any) -> dict[str, str]:
+def _tree_aliases(target: Any, stacked_modules: Any, module_order: Any) -> dict[str, str]:
   """``{owner path: tree path}``: a tied NNX variable shows in the state
   under its sorted-first path, not its first owner's."""
   if is_nnx_module(target) or order_lib.is_builder(target):
-    part = counted_modules(target)
+    part = counted_modules(target, stacked_modules, module_order)
     return {owner: alias for alias, owner in part.parameter_aliases}
   return {}
 
@@ -204,10 +260,11 @@ def _tree_aliases(target: Any) -> dict[str, str]:
 class _Pairing:
   """Collects matches and problems for :func:`match_parameters`."""
 
-  def __init__(self, torch_module, leaves):
+  def __init__(self, torch_module, leaves, layers=None):
     self.params = dict(torch_module.named_parameters())
     self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
     self.leaves = leaves
+    self.layers = layers or {}
     self.matches: list[ParameterMatch] = []
     self.problems: list[str] = []
 
@@ -217,7 +274,7 @@ class _Pairing:
       return False
     m = ParameterMatch(
         torch_name, flax_name, layout, self.shapes[torch_name],
-        tuple(np.shape(self.leaves[flax_name])), rows,
+        tuple(np.shape(self.leaves[flax_name])), rows, self.layers.get(flax_name),
     )
     if m.rows is not None and not 0 <= m.rows[0] < m.rows[1] <= (m.torch_shape or (0,))[0]:
       self.problems.append(f"{torch_name!r} rows {m.rows}: outside its shape {m.torch_shape}")
@@ -279,8 +336,14 @@ def match_parameters(
     name_map: Mapping[str, str] | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> tuple[ParameterMatch, ...]:
   """Matches every PyTorch parameter with a Flax params leaf.
+
+  A stacked (scanned) Flax module is matched layer by layer: PyTorch's
+  ``blocks.3.up.weight`` is layer 3 of ``blocks/up/kernel``, under the
+  per-layer name ``blocks/3/up/kernel`` (see ``ParameterMatch.layer``).
 
   Args:
     torch_module: the ``torch.nn.Module``.
@@ -295,6 +358,12 @@ def match_parameters(
     converters: :class:`~stac_optax.torch_interop.ModuleConverter`\\ s for
       modules whose parameters do not map one to one, tried before the
       built-in ones (``nn.MultiheadAttention``).
+    stacked_modules: the stacked modules of the Flax side, as in
+      :func:`stac_optax.stac` (``{'blocks': 0}``: path -> layer axis;
+      ``None`` reads the logical axis name ``'layers'``; ``{}``: none).
+    module_order: the Flax side's registration order where it cannot be
+      read (``nn.scan`` sorts a block's sub-modules), as in
+      :func:`stac_optax.stac`; used when matching by order.
 
   Returns:
     One :class:`ParameterMatch` per PyTorch parameter in registration order
@@ -318,9 +387,12 @@ def match_parameters(
   _check_match_mode(match)
   name_map = dict(name_map or {})
   leaves = dict(leaves_with_names(flax_params(target)))
-  aliases = _tree_aliases(target)
+  layers = stacked_layers(target, stacked_modules)
+  if layers:
+    leaves = _per_layer_leaves(leaves, layers)
+  aliases = _tree_aliases(target, stacked_modules, module_order)
   units = _torch_units(torch_module, converters)
-  pairing = _Pairing(torch_module, leaves)
+  pairing = _Pairing(torch_module, leaves, layers)
   known = set(pairing.params) | {u.name for u in units if u.converter is not None}
   stray = sorted(set(name_map) - known)
 
@@ -357,7 +429,7 @@ def match_parameters(
     used = {m.flax_name for m in pairing.matches}
     flax_modules = [
         (name, tuple(p for p in paths if p not in used))
-        for name, paths in _flax_modules(target, aliases)
+        for name, paths in _flax_modules(target, aliases, stacked_modules, module_order)
     ]
     _pair_by_order(rest, [m for m in flax_modules if m[1]], pairing)
 
@@ -368,6 +440,8 @@ def match_parameters(
         + "".join(f"\n  {p}" for p in pairing.problems)
         + (f"\n  Flax leaves without a PyTorch parameter: {unmatched}" if unmatched else "")
         + (f"\n  name_map names unknown PyTorch parameters: {stray}" if stray else "")
+        + _layer_count_note(layers, pairing.params)
+        + ("" if layers else _stacked_hint(pairing.params, unmatched))
         + (
             "\nPass name_map={torch_name: flax_path} for the names the rules miss."
             if match == "names" else ""
@@ -375,6 +449,42 @@ def match_parameters(
     )
   order = {n: i for i, n in enumerate(pairing.params)}
   return tuple(sorted(pairing.matches, key=lambda m: order[m.torch_name]))
+
+
+def _layer_count_note(layers: Mapping[str, StackedLayer], torch_names) -> str:
+  """A line for each stacked module whose layer count PyTorch does not
+  share (``blocks`` of 6 layers, ``blocks.0`` ... ``blocks.7`` in PyTorch)."""
+  counts = {x.stacked_module: (x.layers, x.axis) for x in layers.values()}
+  lines = []
+  for module, (n, axis) in counts.items():
+    prefix = module.replace("/", ".") + "." if module else ""
+    found = {
+        int(head) for name in torch_names if name.startswith(prefix)
+        for head in (name[len(prefix):].partition(".")[0],) if head.isdigit()
+    }
+    if found and found != set(range(n)):
+      lines.append(
+          f"\n  the stacked module {module!r} holds {n} layers (layer axis "
+          f"{axis}) but "
+          f"PyTorch has {len(found)} under {prefix[:-1]!r} (indices {min(found)}..{max(found)})"
+      )
+  return "".join(lines)
+
+
+def _stacked_hint(torch_names, unmatched: Sequence[str]) -> str:
+  """A hint when unmatched Flax leaves look like stacked arrays of PyTorch's
+  numbered layers (``blocks/up/kernel`` beside ``blocks.0.up.weight``)."""
+  for name in torch_names:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+      module = "/".join(parts[:i])
+      rest = "/".join(parts[i + 1 : -1])
+      if part.isdigit() and module and any(u.startswith(f"{module}/{rest}/") for u in unmatched):
+        return (
+            f"\nIs {module!r} a stacked (scanned) Flax module holding PyTorch's "
+            f"{'.'.join(parts[:i])}.0, .1, ...? Pass stacked_modules={{{module!r}: <layer axis>}}."
+        )
+  return ""
 
 
 def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> None:

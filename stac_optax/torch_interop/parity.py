@@ -21,6 +21,7 @@ from stac_optax.torch_interop.convert import _tree_from_values, params_from_torc
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import match_parameters, partition_of, traces_builders_once
 from stac_optax.torch_interop.runs import _torch_split, flax_cap_size, trainable_from_torch
+from stac_optax.torch_interop.stacking import stack, unstack
 
 _CAP_ARGS = ("last_n_modules", "last_n_ratio", "adamw_ratio")
 
@@ -202,6 +203,8 @@ def check_parity(
     flax_loss: Callable[[Any, Any], Any] | None = None,
     loss_rtol: float = 1e-5,
     grad_rtol: float = 1e-4,
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
     **stac_kwargs: Any,
 ) -> ParityReport:
   """Checks that a PyTorch model and a Flax model partition and update alike.
@@ -241,6 +244,12 @@ def check_parity(
     loss_rtol: relative tolerance of the losses.
     grad_rtol: tolerance of a gradient element, relative to its
       parameter's largest gradient.
+    stacked_modules: the stacked (scanned) modules of ``target``, as in
+      :func:`stac_optax.stac`; PyTorch's unrolled layers are compared with
+      the layers of the stacked arrays.
+    module_order: ``target``'s registration order where it cannot be read
+      (``nn.scan`` sorts a block's sub-modules), as in
+      :func:`stac_optax.stac`; PyTorch reads its own.
     **stac_kwargs: arguments of :func:`stac_optax.stac` (``learning_rate``,
       ``weight_decay``, ...), translated for the torch optimizer.
 
@@ -266,7 +275,8 @@ def check_parity(
   if batch is not None:
     batches = list(batch) if isinstance(batch, list) else [batch] * steps
     steps = len(batches)
-  how = {"name_map": name_map, "match": match, "converters": converters}
+  layout = {"stacked_modules": stacked_modules, "module_order": module_order}
+  how = {"name_map": name_map, "match": match, "converters": converters, **layout}
   module = copy.deepcopy(torch_module)
   matches = match_parameters(module, target, **how)
   params = params_from_torch(module, target, **how)
@@ -277,7 +287,7 @@ def check_parity(
     cap_args = {"last_n_modules": flax_last_n_modules}
   else:
     cap_args = {k: stac_kwargs[k] for k in _CAP_ARGS if k in stac_kwargs}
-  partition = partition_of(target, trainable, **cap_args)
+  partition = partition_of(target, trainable, **layout, **cap_args)
   aliases = dict(partition.parameter_aliases)  # tree path -> owner path
   owner = lambda m: aliases.get(m.flax_name, m.flax_name)  # noqa: E731
   torch_cap = tuple(optimizer.partition.adamw_module_names)
@@ -285,7 +295,7 @@ def check_parity(
   torch_cap_flax = {owner(m) for m in matches if m.torch_name in torch_cap_params}
   partition_matches = torch_cap_flax == set(partition.adamw_parameter_names)
   n_equivalent = flax_cap_size(partition, tuple(torch_cap_params), matches)
-  same = partition_of(target, trainable, last_n_modules=n_equivalent)
+  same = partition_of(target, trainable, last_n_modules=n_equivalent, **layout)
   equivalent = n_equivalent if set(same.adamw_parameter_names) == torch_cap_flax else None
   torch_count = sum(len(v) for v in _torch_split(module, 0).values())
 
@@ -325,7 +335,7 @@ def check_parity(
       loss_t, grads_np = torch_grads(module, torch_batches[t])
       loss_f, grads_f = grad_fn(params, flax_batches[t])
       losses.append((loss_t, float(loss_f)))
-      flat_f = dict(leaves_with_names(grads_f))
+      flat_f = unstack(dict(leaves_with_names(grads_f)), matches)
       got = assemble(matches, lambda m, flat_f=flat_f: flat_f[m.flax_name])
       for name, want in grads_np.items():
         diff = float(np.max(np.abs(got[name] - want), initial=0.0))
@@ -342,9 +352,11 @@ def check_parity(
     for name, p in module.named_parameters():
       p.grad = torch.from_numpy(grads_np[name].copy()).to(p.dtype) if p.requires_grad else None
     optimizer.step()
-    grads = _tree_from_values(params, {m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches})
+    grads = _tree_from_values(
+        params, stack({m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches}, matches)
+    )
     params, state = update(grads, state, params)
-    flat = dict(leaves_with_names(params))
+    flat = unstack(dict(leaves_with_names(params)), matches)
     current = dict(module.named_parameters())
     for i, m in enumerate(matches):
       want = m.to_flax(current[m.torch_name])
@@ -422,7 +434,7 @@ def _own_gradient_run(module, params, matches, optimizer, tx, update, grad_fn, t
     optimizer.step()
     _, grads = grad_fn(params, fb)
     params, state = update(grads, state, params)
-    flat = dict(leaves_with_names(params))
+    flat = unstack(dict(leaves_with_names(params)), matches)
     current = dict(module.named_parameters())
     last = t == len(torch_batches) - 1
     for m in matches:

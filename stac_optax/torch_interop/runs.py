@@ -25,13 +25,24 @@ from stac_optax.torch_interop.matching import (
   partition_of,
   traces_builders_once,
 )
+from stac_optax.torch_interop.stacking import stacked_entry, unstack
 
 
 def trainable_from_torch(torch_module: Any, matches) -> Any:
   """The ``trainable`` argument that freezes what PyTorch freezes
   (``requires_grad=False``); ``None`` when everything trains."""
   grad = {n: p.requires_grad for n, p in torch_module.named_parameters()}
-  flags = {m.flax_name: grad[m.torch_name] for m in matches}
+  flags: dict[str, bool] = {}
+  for m in matches:
+    if m.layer is None:
+      flags[m.flax_name] = grad[m.torch_name]
+    elif flags.setdefault(m.array_name, grad[m.torch_name]) != grad[m.torch_name]:
+      layers = [x.torch_name for x in matches if x.array_name == m.array_name]
+      raise ValueError(
+          f"the layers of the stacked Flax array {m.array_name!r} are frozen in "
+          f"PyTorch for some of {layers} and trained for others; a stacked array "
+          "trains or freezes all its layers."
+      )
   if all(flags.values()):
     return None
   return lambda name, _: flags[name]
@@ -343,12 +354,14 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
   """A group's ``decay_param_mask`` (what torch decays) is what stac_optax
   decays under the exemption flags, where the group's decay is not zero."""
   any_group = next(iter(by_role.values()))[1]
+  stacked = {m.layer.stacked_module: m.layer.axis for m in matches if m.layer is not None}
   decays = dict(partition_lib.leaves_with_names(weight_decay_mask(
       flax_params(target),
       exclude_bias=bool(any_group["exclude_bias_from_weight_decay"]),
       exclude_1d=bool(any_group["exclude_1d_from_weight_decay"]),
+      stacked_modules=stacked,
   )))
-  flax_of = {t: [m.flax_name for m in ms] for t, ms in _by_torch_name(matches).items()}
+  flax_of = {t: [m.array_name for m in ms] for t, ms in _by_torch_name(matches).items()}
   for role, (i, group) in by_role.items():
     listed = tuple(group["param_names"])
     mask = tuple(group.get("decay_param_mask", ())) or (True,) * len(listed)  # torch's default
@@ -549,6 +562,8 @@ def from_torch(
     nonfinite_skipped_steps: int | None = None,
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, Any, STACState]:
   """Continues a PyTorch ``STAC`` run in JAX.
 
@@ -573,6 +588,13 @@ def from_torch(
     nonfinite_skipped_steps: overrides the skip counter.
     match: ``"names"`` or ``"order"``, as in :func:`match_parameters`.
     converters: extra :class:`ModuleConverter` objects, as there.
+    stacked_modules: the stacked (scanned) modules of ``target``, as in
+      :func:`stac_optax.stac`: PyTorch's unrolled layers become the layers
+      of the stacked arrays, and the cap moments of an array the cap
+      boundary cuts are those of its cap layers.
+    module_order: ``target``'s registration order where it cannot be read
+      (``nn.scan`` sorts a block's sub-modules), as in
+      :func:`stac_optax.stac`.
 
   Returns:
     ``(tx, params, opt_state)``: the transformation built with the torch
@@ -591,7 +613,11 @@ def from_torch(
   skipped = _count(
       "nonfinite_skipped_steps", skipped if nonfinite_skipped_steps is None else nonfinite_skipped_steps
   )
-  how = {"name_map": name_map, "match": match, "converters": converters}
+  how = {
+      "name_map": name_map, "match": match, "converters": converters,
+      "stacked_modules": stacked_modules, "module_order": module_order,
+  }
+  layout = {"stacked_modules": stacked_modules, "module_order": module_order}
   matches = match_parameters(torch_module, target, **how)
   names = _Names(matches)
   if optimizer is not None:
@@ -604,9 +630,9 @@ def from_torch(
   trainable = trainable_from_torch(torch_module, matches)
   torch_cap = groups["adamw"][1]["param_names"] if "adamw" in groups else ()
   n_cap = flax_cap_size(
-      partition_of(target, trainable, last_n_modules=0), torch_cap, matches
+      partition_of(target, trainable, last_n_modules=0, **layout), torch_cap, matches
   )
-  partition = partition_of(target, trainable, last_n_modules=n_cap)
+  partition = partition_of(target, trainable, last_n_modules=n_cap, **layout)
   _check_same_split(groups, partition, matches, names)
 
   params = params_from_torch(torch_module, target, **how)
@@ -630,7 +656,8 @@ def from_torch(
       }
       replaced[field] = jax.tree_util.tree_map_with_path(
           lambda path, leaf, values=values: jnp.asarray(
-              values[partition_lib.path_name(path)], leaf.dtype
+              stacked_entry(partition_lib.path_name(path), np.shape(leaf), values, matches),
+              leaf.dtype,
           ),
           getattr(adam, field),
       )
@@ -660,7 +687,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
   if not hasattr(adam, "mu") or not hasattr(adam, "count"):
     raise ValueError(f"the cap's state is not an AdamW state: {type(adam).__name__}.")
   flat = {
-      key: dict(partition_lib.leaves_with_names(getattr(adam, field)))
+      key: unstack(dict(partition_lib.leaves_with_names(getattr(adam, field))), matches)
       for key, field in _MOMENT_FIELDS.items()
       if hasattr(adam, field)
   }
@@ -704,6 +731,8 @@ def to_torch(
     match: str = "names",
     converters: Sequence[ModuleConverter] = (),
     target: Any | None = None,
+    stacked_modules: Any = None,
+    module_order: Sequence[str] | None = None,
 ) -> None:
   """Continues a stac_optax run in PyTorch: writes the weights into
   ``torch_module`` and the cap's moments and step into ``optimizer`` (a
@@ -721,7 +750,9 @@ def to_torch(
 
   Matching by order needs the registration order, which trained params
   (sorted dicts, ``nnx.State``) no longer have: give the model or its
-  builder as ``target``.
+  builder as ``target`` (or ``module_order``). For a scanned model give
+  ``stacked_modules`` as in :func:`from_torch`: each PyTorch layer takes
+  its layer of the stacked arrays and of their cap moments.
 
   Raises:
     ValueError: parameters that do not match, partitions that differ, a
@@ -737,6 +768,7 @@ def to_torch(
   matches = match_parameters(
       torch_module, params_or_model if target is None else target,
       name_map=name_map, match=match, converters=converters,
+      stacked_modules=stacked_modules, module_order=module_order,
   )
   names = _Names(matches)
   _check_optimizer_trains(optimizer, torch_module, names)
