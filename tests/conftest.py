@@ -23,12 +23,13 @@ collect_ignore = ["scripts"]
 # started first, the short ones even out the end. Other files follow in the
 # usual order.
 SLOW_FILES = (
+    "test_benchmarks_research.py",
     "test_benchmarks.py",
     "test_parity_torch.py",
     "test_examples.py",
     "test_properties.py",
     "test_optax_conformance.py",
-    "test_stacked.py",
+    "test_stacked_steps.py",
     "test_torch_real_models.py",
     "test_compile.py",
     "test_ecosystem.py",
@@ -44,6 +45,8 @@ SLOW_FILES = (
     "test_torch_interop.py",
     "test_transforms.py",
     "test_stacked_parity.py",
+    "test_stacked_interop.py",
+    "test_stacked.py",
 )
 
 

@@ -6,12 +6,7 @@ Timings are not checked here (they belong to the benchmark runs, not to tests).
 import json
 import math
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-
-from benchmarks import common, memory, research, speed, stacked
+from benchmarks import common, memory, speed, stacked
 from benchmarks import compile as compile_benchmark
 
 
@@ -75,32 +70,6 @@ def test_compile_quick_json(tmp_path):
   assert (tmp_path / "compile.png").stat().st_size > 5_000
 
 
-@pytest.mark.parametrize("task,configs", [
-    ("deep_regression", None),  # every config and peer
-    ("sequence_classification", "STAC default"),  # the transformer student, beside PyTorch
-])
-def test_research_quick_json(tmp_path, task, configs):
-  out = tmp_path / "research.json"
-  research.main(["--quick", "--tasks", task, "--out", str(out), "--plot", str(tmp_path / "research.png")]
-                + (["--configs", configs] if configs else []))
-  report = json.loads(out.read_text())
-  assert report["torch_side_by_side"]
-  if configs is None:
-    assert set(report["configs"]) == {
-        "STAC default", "STAC full-decay trunk", "STAC wider cap", "AdamW baseline", "STAC 0.1.x momentum",
-        "optax.lion", "optax.adafactor", "optax.contrib.muon", "optax.sign_sgd"}
-  else:
-    assert report["configs"] == configs.split(",")
-  results = report["tasks"][task]
-  assert set(results) == set(report["configs"]) | {"PyTorch STAC default", "PyTorch AdamW"}
-  for r in results.values():
-    assert len(r["final_per_seed"]) == 1 and len(r["curve_mean"]) == report["epochs"]
-    assert _finite(r["final_mean"])
-  # the port trains the same: identical data, weights and batches give the same result
-  assert abs(results["STAC default"]["final_mean"] - results["PyTorch STAC default"]["final_mean"]) < 1e-3
-  assert (tmp_path / "research.png").stat().st_size > 5_000
-
-
 def test_stacked_quick_json(tmp_path):
   out = tmp_path / "stacked.json"
   stacked.main(["--quick", "--repeats", "3", "--out", str(out)])
@@ -113,43 +82,6 @@ def test_stacked_quick_json(tmp_path):
     assert all(_finite(r[k]) for k in ("compile_s", "step_ms_median", "step_ms_best"))
   # the cap moments exist for the cap layers only: the same state as unrolled
   assert results["STAC default, stacked"]["state_bytes"] == results["STAC default, unrolled"]["state_bytes"]
-
-
-def test_research_scanned_sequence_student_trains_like_its_unrolled_twin():
-  """The scanned task's student: the same weights stacked, the same steps."""
-  unrolled_task = research.TASKS["sequence_classification"]
-  scanned_task = research.TASKS["sequence_classification_scanned"]
-  unrolled = unrolled_task.init_student(jax.random.key(3), quick=True)
-  scanned = scanned_task.init_student(jax.random.key(3), quick=True)
-  rng = np.random.default_rng(0)
-  batches = [(jnp.asarray(rng.integers(0, 256, (8, 32))), jnp.asarray(rng.integers(0, 8, 8)))
-             for _ in range(4)]
-  losses = {}
-  for name, task, params in (("unrolled", unrolled_task, unrolled), ("scanned", scanned_task, scanned)):
-    factories = common.optimizers(params, peers=False, stacked_modules=task.stacked_modules)
-    for config in ("STAC default",):
-      tx = factories[config]()
-      step = jax.jit(research.make_train_step(task, tx))
-      p, state, out = params, tx.init(params), []
-      for x, y in batches:
-        p, state, loss = step(p, state, x, y)
-        out.append(float(loss))
-      losses[name, config] = (out, common.state_bytes(state), p)
-  for config in ("STAC default",):
-    (a, bytes_a, p_a), (b, bytes_b, p_b) = losses["unrolled", config], losses["scanned", config]
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-    assert bytes_a == bytes_b, config
-    np.testing.assert_allclose(research.stack_layers(p_a)["layers"]["ff1"]["kernel"],
-                               p_b["layers"]["ff1"]["kernel"], atol=1e-5)
-  assert not np.allclose(p_b["layers"]["ff1"]["kernel"], scanned["layers"]["ff1"]["kernel"])
-
-
-def test_research_refuses_unknown_configs_and_tasks(capsys):
-  for argv, named in ((["--configs", "STAC default,adam"], "adam"), (["--tasks", "mnist"], "mnist")):
-    with pytest.raises(SystemExit):
-      research.main(argv)
-    err = capsys.readouterr().err
-    assert f"unknown ['{named}']" in err and "allowed:" in err
 
 
 def test_report_prints_the_committed_results_with_the_documented_command():
