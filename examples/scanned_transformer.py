@@ -128,12 +128,12 @@ def main(argv=None):
   init = lambda: model.init(jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))  # noqa: E731
   # The builder is traced once under jax.eval_shape: no parameter is allocated.
   part = stac_optax.partition_modules(init, stacked_modules={"blocks": 0})
+  params = init()["params"]
   # the same partition as with the order written out (what a params dict needs)
   assert part == stac_optax.partition_modules(
-      init()["params"], stacked_modules={"blocks": 0}, module_order=MODULE_ORDER)
+      params, stacked_modules={"blocks": 0}, module_order=MODULE_ORDER)
   print(f"{part.trainable_module_count} counted modules ({args.layers} layers of 8, and 4 more)")
   print(part)
-  params = init()["params"]
   stac = stac_optax.stac(part, 3e-3, weight_decay=1e-2)
   adamw = optax.adamw(
       3e-3, weight_decay=1e-2,

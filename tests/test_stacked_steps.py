@@ -113,7 +113,7 @@ def test_a_zero_gradient_leaves_a_stacked_norm_scale_unchanged():
     tx = stac_optax.stac(params, 0.1, stacked_modules={"blocks": 0}, last_n_modules=cap,
                          weight_decay=0.5)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     assert not jnp.any(updates["blocks"]["norm"]["scale"]), cap
     assert jnp.all(updates["blocks"]["up"]["kernel"] != 0), cap  # 3-D kernels do decay
   mask = stac_optax.weight_decay_mask(params, stacked_modules={"blocks": 0})
