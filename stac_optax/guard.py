@@ -149,6 +149,7 @@ def guard_nonfinite(
     *,
     maximize: bool,
     error_if_nonfinite: bool,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """``inner`` behind the non-finite guard, negating the gradients for ``maximize``.
 
@@ -161,30 +162,39 @@ def guard_nonfinite(
   instead: eagerly before anything is computed, under ``jax.jit`` from a host
   callback that only runs on a bad step.
 
+  The guard has a price in memory: no parameter may be written before every
+  gradient is known to be finite, so under ``jax.jit`` XLA keeps the
+  gradients of the whole step alive at once, where an unguarded step
+  consumes each gradient as backpropagation produces it.
+  ``skip_nonfinite=False`` removes the guard: :func:`unguarded`.
+
   Args:
     inner: the partitioned trunk, cap and frozen transformations; its
       ``update`` takes the extra argument ``skip_step``.
     partition: the partition whose labels say which leaves are trainable.
     maximize: negate the gradients before ``inner`` sees them.
     error_if_nonfinite: raise instead of skipping.
+    skip_nonfinite: ``False`` returns :func:`unguarded` instead.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`STACState`.
-  """
 
-  def init_fn(params):
-    return STACState(
-        inner_state=inner.init(params),
-        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
-    )
+  Raises:
+    ValueError: ``error_if_nonfinite`` with ``skip_nonfinite=False``.
+  """
+  if not skip_nonfinite:
+    if error_if_nonfinite:
+      raise ValueError(
+          "error_if_nonfinite=True needs the non-finite check, which "
+          "skip_nonfinite=False removes. Keep skip_nonfinite=True (the default) to "
+          "raise on a non-finite gradient, or set error_if_nonfinite=False to let "
+          "non-finite gradients reach the update, as optax.adamw does."
+      )
+    return unguarded(inner, maximize=maximize)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if "skip_step" in extra_args:
-      raise TypeError(
-          "stac's update decides skip_step itself, from the gradients; do not pass "
-          "skip_step to it (a step of non-finite gradients is skipped already)."
-      )
+    _refuse_skip_step(extra_args)
     _refuse_sparse(updates)
     labels = jax.tree.leaves(partition.labels(updates))
     named = partition_lib.leaves_with_names(updates)
@@ -216,7 +226,62 @@ def guard_nonfinite(
     skipped = state.nonfinite_skipped_steps + jnp.logical_not(finite).astype(jnp.int32)
     return new_updates, STACState(inner_state=new_inner, nonfinite_skipped_steps=skipped)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_init_with(inner), update_fn)
+
+
+def unguarded(
+    inner: optax.GradientTransformationExtraArgs, *, maximize: bool
+) -> optax.GradientTransformationExtraArgs:
+  """``inner`` without the non-finite guard, negating the gradients for ``maximize``.
+
+  No check and no selection: a non-finite gradient flows into the update,
+  as with :func:`optax.adamw`, and under ``jax.jit`` XLA may consume each
+  gradient as backpropagation produces it. The state is a
+  :class:`STACState` like the guarded one's, its
+  ``nonfinite_skipped_steps`` staying ``0``, so that a checkpoint,
+  :func:`stac_optax.validate_state` and ``torch_interop`` take the state of
+  either form. Sparse gradients and a ``skip_step`` argument are refused as
+  by the guard.
+
+  Args:
+    inner: the partitioned trunk, cap and frozen transformations.
+    maximize: negate the gradients before ``inner`` sees them.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`STACState`.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _refuse_skip_step(extra_args)
+    _refuse_sparse(updates)
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    return new_updates, state._replace(inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(_init_with(inner), update_fn)
+
+
+def _init_with(inner: optax.GradientTransformation):
+  """The ``init`` of both forms: ``inner``'s state and a skip counter at 0."""
+
+  def init_fn(params):
+    return STACState(
+        inner_state=inner.init(params),
+        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+  return init_fn
+
+
+def _refuse_skip_step(extra_args: dict[str, Any]) -> None:
+  if "skip_step" in extra_args:
+    raise TypeError(
+        "stac's update decides skip_step itself, from the gradients; do not pass "
+        "skip_step to it (a step of non-finite gradients is skipped already; with "
+        "skip_nonfinite=False, nothing is skipped: check the gradients outside it)."
+    )
 
 
 def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
