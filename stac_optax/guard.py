@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stac_optax import _tree, held_signs
 from stac_optax import partition as partition_lib
+from stac_optax import stacked as stacked_lib
 from stac_optax.partition import ADAMW, SIGN, STACPartition
 
 _SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
@@ -55,7 +57,7 @@ class NonFiniteGradientError(RuntimeError):
   """A gradient held NaN or Inf and ``error_if_nonfinite=True`` was set."""
 
 
-def _nonfinite_sum(x: jax.Array) -> jax.Array:
+def _nonfinite_sum(x: jax.Array | held_signs.HeldSigns) -> jax.Array:
   """``0`` if every element of ``x`` is finite, else NaN (a float32 scalar).
 
   ``x - x`` is ``+0`` for a finite element and NaN for NaN or ±Inf, and a sum
@@ -64,8 +66,11 @@ def _nonfinite_sum(x: jax.Array) -> jax.Array:
   devices, and it cannot overflow. (A ``max`` of ``|x|`` need not propagate
   NaN across devices; an and-reduction of ``isfinite`` costs XLA:CPU three
   times more; ``x * 0`` makes XLA:CPU materialise a broadcast zero the size
-  of the largest leaf.)
+  of the largest leaf.) Of :class:`~stac_optax.held_signs.HeldSigns`, the
+  flag their codes carry.
   """
+  if isinstance(x, held_signs.HeldSigns):
+    return held_signs.nonfinite_flag(x)
   total = jnp.sum(x - x)
   if jnp.iscomplexobj(total):
     total = total.real + total.imag
@@ -150,6 +155,7 @@ def guard_nonfinite(
     maximize: bool,
     error_if_nonfinite: bool,
     skip_nonfinite: bool = True,
+    trunk_reads_signs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``inner`` behind the non-finite guard, negating the gradients for ``maximize``.
 
@@ -165,7 +171,11 @@ def guard_nonfinite(
   The guard has a price in memory: no parameter may be written before every
   gradient is known to be finite, so under ``jax.jit`` XLA keeps the
   gradients of the whole step alive at once, where an unguarded step
-  consumes each gradient as backpropagation produces it.
+  consumes each gradient as backpropagation produces it. With
+  ``trunk_reads_signs`` the guard keeps, of each trunk gradient, only its
+  signs, half a byte per element (:mod:`stac_optax.held_signs`), and reads
+  the trunk's finiteness from them; the cap's gradients, and those of
+  stacked arrays that the cap boundary cuts, are kept whole.
   ``skip_nonfinite=False`` removes the guard: :func:`unguarded`.
 
   Args:
@@ -175,6 +185,9 @@ def guard_nonfinite(
     maximize: negate the gradients before ``inner`` sees them.
     error_if_nonfinite: raise instead of skipping.
     skip_nonfinite: ``False`` returns :func:`unguarded` instead.
+    trunk_reads_signs: the trunk's updates depend on the signs of its
+      gradients alone (a trunk without momentum), so ``inner`` may be given
+      the signs instead of the gradients.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -196,6 +209,9 @@ def guard_nonfinite(
   def update_fn(updates, state, params=None, **extra_args):
     _refuse_skip_step(extra_args)
     _refuse_sparse(updates)
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    updates, held = _held_trunk_signs(updates, partition) if trunk_reads_signs else (updates, {})
     labels = jax.tree.leaves(partition.labels(updates))
     named = partition_lib.leaves_with_names(updates)
     checked, positions, names = [], {SIGN: [], ADAMW: []}, {SIGN: [], ADAMW: []}
@@ -203,7 +219,7 @@ def guard_nonfinite(
       if label in positions:
         positions[label].append(len(checked))
         names[label].append(name)
-        checked.append(partition_lib._unbox(leaf))  # pylint: disable=protected-access
+        checked.append(held[name] if name in held else _tree.unbox(leaf))
     ok = leaf_is_finite(checked)
     finite = jnp.all(ok)
 
@@ -217,8 +233,6 @@ def guard_nonfinite(
       else:
         report(ok)
 
-    if maximize:
-      updates = jax.tree.map(jnp.negative, updates)
     new_updates, new_inner = inner.update(
         updates, state.inner_state, params, skip_step=jnp.logical_not(finite), **extra_args
     )
@@ -227,6 +241,35 @@ def guard_nonfinite(
     return new_updates, STACState(inner_state=new_inner, nonfinite_skipped_steps=skipped)
 
   return optax.GradientTransformationExtraArgs(_init_with(inner), update_fn)
+
+
+def _held_trunk_signs(
+    updates: Any, partition: STACPartition
+) -> tuple[Any, dict[str, held_signs.HeldSigns]]:
+  """``updates`` with each trunk gradient replaced by its signs, read back
+  from :func:`~stac_optax.held_signs.hold_signs`, and the held signs by path
+  name.
+
+  Only under tracing (eagerly every gradient exists already), only arrays of
+  at least :data:`~stac_optax.held_signs.MIN_HELD_SIZE` elements, and not
+  the trunk side of a stacked array that the cap boundary cuts: its cap side
+  keeps the whole gradient alive anyway.
+  """
+  held = {}
+
+  def one(path, label, leaf):
+    value = _tree.unbox(leaf)
+    cut = path and isinstance(path[-1], stacked_lib.SplitKey)
+    signs = None
+    if label == SIGN and not cut and _tree.is_traced(value):
+      signs = held_signs.hold_signs(value, held_signs.MIN_HELD_SIZE)
+    if signs is None:
+      return leaf
+    held[_tree.path_name(path)] = signs
+    return jax.tree.map(lambda _: held_signs.read_signs(signs), leaf)
+
+  labels = partition.labels(updates)
+  return jax.tree_util.tree_map_with_path(one, labels, updates), held
 
 
 def unguarded(

@@ -458,9 +458,11 @@ def stac(
       0.0 if sign_momentum is None else sign_momentum, sign_state_dtype, sign_update_dtype
   )
   moments = transforms.adam_moments(b1, b2, eps, mu_dtype, amsgrad)
+  trunk_reads_signs = sign_momentum is None or (
+      not partition_lib.is_traced(sign_momentum) and float(sign_momentum) == 0.0
+  )
   if partition.splits_layers:
-    if not (sign_momentum is None or (not partition_lib.is_traced(sign_momentum)
-                                      and float(sign_momentum) == 0.0)):
+    if not trunk_reads_signs:
       direction = _own_layers(direction, partition, SIGN)  # the buffer: trunk layers only
     moments = _own_layers(moments, partition, ADAMW)
   trunk = transforms.decayed_and_scaled(
@@ -476,6 +478,6 @@ def stac(
   )
   guarded = guard_nonfinite(
       inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite,
-      skip_nonfinite=skip_nonfinite,
+      skip_nonfinite=skip_nonfinite, trunk_reads_signs=trunk_reads_signs,
   )
   return _split_layers(guarded, partition) if partition.splits_layers else guarded
