@@ -95,12 +95,7 @@ def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=Fals
           exclude_bias_from_weight_decay=False, exclude_1d_from_weight_decay=False),
   }
   if guard_variants:
-    out["STAC default, no guard"] = lambda: optax.partition(
-        {stac_optax.SIGN: stac_optax.sign_trunk(lr, weight_decay=0.5 * wd if part.is_hybrid else wd,
-                                         weight_decay_mask=mask),
-         stac_optax.ADAMW: optax.adamw(lr, weight_decay=wd, mask=mask),
-         stac_optax.FROZEN: stac_optax.keep_unchanged()},
-        part.labels)
+    out["STAC default, no guard"] = lambda: stac_optax.stac(part, lr, weight_decay=wd, skip_nonfinite=False)
     out["AdamW + apply_if_finite"] = lambda: optax.apply_if_finite(
         optax.adamw(lr, weight_decay=wd, mask=mask), 10**9)
   if peers:
