@@ -58,14 +58,19 @@ class HeldSigns:
 def packing_axis(x: jax.Array) -> int | None:
   """The axis :func:`hold_signs` packs along: of the axes that ``x``'s type
   does not shard (an ``Explicit`` mesh axis may not be split by a reshape),
-  the last of even length, else the last; ``None`` for a scalar or where
-  every axis is sharded."""
+  the first of even length, else the first; ``None`` for a scalar or where
+  every axis is sharded.
+
+  A major axis keeps each code's row contiguous along the minor axes, which
+  XLA vectorises; packing along the last axis made XLA:CPU's jitted step
+  about twice as slow to pack and read back.
+  """
   sharding = getattr(jax.typeof(x), "sharding", None)
   spec = tuple(getattr(sharding, "spec", None) or ())
   spec += (None,) * (x.ndim - len(spec))
   free = [a for a in range(x.ndim) if spec[a] is None]
   even = [a for a in free if x.shape[a] % 2 == 0]
-  return (even or free or [None])[-1]
+  return (even or free or [None])[0]
 
 
 def hold_signs(x: jax.Array, min_size: int = 0) -> HeldSigns | None:

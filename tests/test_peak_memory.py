@@ -129,8 +129,9 @@ def test_the_held_signs_are_the_signs_bit_for_bit():
       assert bool(jnp.all(jnp.where(nan, jnp.isnan(signs), signs == expected)))
       assert bool(jnp.all(jnp.where(nan, True, jnp.signbit(signs) == jnp.signbit(expected))))
       assert bool(jnp.isnan(bad)) and float(good) == 0.0  # one NaN and two Infs; none
-  odd = jnp.array([[1.0, -0.0, jnp.inf]])  # no even axis: the last is padded
-  held = held_signs.hold_signs(odd)
-  assert held.codes.shape == (1, 2) and held.width == 3
-  assert held_signs.read_signs(held).tolist() == [[1.0, -0.0, 1.0]]
-  assert bool(jnp.signbit(held_signs.read_signs(held))[0, 1])
+  odd = jnp.array([[1.0, -0.0, jnp.inf], [-3.0, 0.0, 2.0], [0.5, -0.5, -0.0]])
+  held = held_signs.hold_signs(odd)  # no even axis: the first is padded
+  assert held.codes.shape == (2, 3) and (held.axis, held.width) == (0, 3)
+  signs = held_signs.read_signs(held)
+  assert signs.tolist() == [[1.0, -0.0, 1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, -0.0]]
+  assert jnp.signbit(signs).tolist() == [[False, True, False], [True, False, False], [False, True, True]]
