@@ -26,6 +26,7 @@ stacked into one array and run by ``jax.lax.scan`` (``stacked_modules=
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +37,13 @@ import optax
 
 import stac_optax
 from benchmarks import common
+from stac_optax import held_signs
 
 MIB = 2**20
 ADAMW = "AdamW baseline"
 LAYERS = 16
 MLP_WIDTHS = {"MLP 6.3M": 628, "MLP 25.3M": 1257, "MLP 101M": 2514}
-QUICK_WIDTHS = {"MLP tiny": 24, "MLP small": 48}
+QUICK_WIDTHS = {"MLP tiny": 24}
 
 
 # --------------------------------------------------------------------------
@@ -113,14 +115,14 @@ def models(quick: bool) -> dict[str, dict[str, Any]]:
   if quick:
     net = abstract(common.state_memory_net(width=64, d_in=32, d_out=4))
     out = {"StateMemoryNet tiny": dict(params=net, loss=state_memory_net_loss, batch=abstract_batch(16, 32, 4))}
-    widths, stacked_width = QUICK_WIDTHS, 48
+    widths, stacked_width = QUICK_WIDTHS, 24
   else:
     net = abstract(common.state_memory_net())
     out = {"StateMemoryNet": dict(params=net, loss=state_memory_net_loss, batch=abstract_batch(256, 256, 16))}
     widths, stacked_width = MLP_WIDTHS, MLP_WIDTHS["MLP 25.3M"]
   for name, width in widths.items():
     out[name] = dict(params=mlp_params(width), loss=mlp_loss, batch=abstract_batch(8, width, width))
-  out[f"stacked MLP {'small' if quick else '25.3M'}"] = dict(
+  out[f"stacked MLP {'tiny' if quick else '25.3M'}"] = dict(
       params=stacked_mlp_params(stacked_width), loss=stacked_mlp_loss,
       batch=abstract_batch(8, stacked_width, stacked_width), stacked_modules={"blocks": 0})
   return out
@@ -184,12 +186,29 @@ def measured_peak(tx: optax.GradientTransformation, params: Any, loss: Callable,
   return int(device.memory_stats()["peak_bytes_in_use"] - before)
 
 
+def whole_gradients(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+  """``tx`` traced with no trunk gradient held as signs: the guard's plain
+  form, which keeps every trainable gradient whole until its flag is known
+  (for comparison; the values are the same)."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    saved = held_signs.MIN_HELD_SIZE
+    held_signs.MIN_HELD_SIZE = sys.maxsize
+    try:
+      return tx.update(updates, state, params, **extra_args)
+    finally:
+      held_signs.MIN_HELD_SIZE = saved
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def optimizers(params: Any, stacked_modules: Any = None) -> dict[str, Callable]:
   """The optimizers compared: the benchmarks' set, with the guard variants."""
   out = common.optimizers(params, guard_variants=True, stacked_modules=stacked_modules)
   part = stac_optax.partition_modules(params, stacked_modules=stacked_modules)
   out["STAC error_if_nonfinite"] = lambda: stac_optax.stac(
       part, common.LR, weight_decay=common.WD, error_if_nonfinite=True)
+  out["STAC default, gradients kept whole"] = lambda: whole_gradients(out["STAC default"]())
   return out
 
 
@@ -244,7 +263,8 @@ def plot(report, path):
     n = report["models"][label]["parameters"]
     xs = [i + (j - (len(models_) - 1) / 2) * width for i in range(len(names))]
     peaks = [rows[name]["peak_bytes_per_parameter"] for name in names]
-    bars = ax.bar(xs, peaks, width=width, label=f"{label} ({n / 1e6:.1f}M), peak of a step")
+    name = label if label.endswith("M") else f"{label} ({n / 1e6:.1f}M)"
+    bars = ax.bar(xs, peaks, width=width, label=f"{name}, peak of a step")
     ax.scatter(xs, [rows[name]["state_bytes"] / n for name in names], marker="_", s=60,
                color="black", zorder=3, label="optimizer state" if j == 0 else None)
     del bars
