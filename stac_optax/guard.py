@@ -169,8 +169,8 @@ def guard_nonfinite(
   callback that only runs on a bad step.
 
   The guard has a price in memory: no parameter may be written before every
-  gradient is known to be finite, so under ``jax.jit`` XLA keeps the
-  gradients of the whole step alive at once, where an unguarded step
+  gradient is known to be finite, so under ``jax.jit`` XLA keeps what the
+  updates are computed from alive until then, where an unguarded step
   consumes each gradient as backpropagation produces it. With
   ``trunk_reads_signs`` the guard keeps, of each trunk gradient, only its
   signs, half a byte per element (:mod:`stac_optax.held_signs`), and reads

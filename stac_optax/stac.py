@@ -302,8 +302,9 @@ def stac(
   grows. With ``error_if_nonfinite=True`` the step raises instead. With
   ``skip_nonfinite=False`` nothing is checked: a non-finite gradient flows
   into the update, as with :func:`optax.adamw`, and a jitted train step
-  needs less memory (the guard keeps every gradient of the step alive until
-  it knows that all are finite; see ``docs/optimizer.md``).
+  needs less memory (until it knows that every gradient is finite, the
+  guard keeps the cap's gradients and the trunk's signs alive; see
+  ``docs/optimizer.md``).
 
   Args:
     model_or_params: a builder (a zero-argument callable creating the model
