@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 # Arrays smaller than this are left whole: the bytes they would save are few,
-# and packing and reading the codes add some forty instructions to the
+# and packing and reading the codes add about ninety instructions to the
 # compiled step per array (a model of many small leaves would compile slower).
 MIN_HELD_SIZE = 2**16
 
