@@ -930,8 +930,8 @@ def partition_modules(
       off the lost-order check. For a stacked module it may name the
       per-layer modules (``blocks/0/up``, ...) or each of its sub-modules
       once (``blocks/up``), an order that then holds in every layer. A
-      linen builder needs none: the order in which the block calls its
-      sub-modules is recorded while it is traced.
+      linen builder needs none: the block's registration order is read
+      from Flax's module tree while it is traced.
     wrt: ``trainable`` under the name ``nnx.Optimizer`` gives it; give one
       of the two.
     stacked_modules: the stacked (scanned) modules: a mapping from a module
@@ -1037,8 +1037,8 @@ def partition_modules(
   preorder = [p for p in found.node_paths if p in owned]
   if stacks:
     modules = _stacked_module_list(
-        preorder, owned, stacks, module_order, warn_sorted=found.from_dict_order,
-        call_order=found.call_order,
+        preorder, owned, stacks, module_order, dict_ordered=found.dict_ordered,
+        from_builder=found.from_builder,
     )
   else:
     modules = [
@@ -1079,8 +1079,8 @@ def _stacked_module_list(
     stacks: Sequence[stacked_lib.Stacked],
     module_order: Sequence[str] | None,
     *,
-    warn_sorted: bool,
-    call_order: Sequence[Path] | None = None,
+    dict_ordered: frozenset[Path] = frozenset(),
+    from_builder: bool = False,
 ) -> list[ModuleGroup]:
   """The counted modules with each stacked module unrolled into its layers.
 
@@ -1109,29 +1109,10 @@ def _stacked_module_list(
     else:
       per_layer_order = module_order
   else:
-    called = {tuple(str(k) for k in p): i for i, p in enumerate(call_order or ())}
     for stack in stacks:
-      at = [i for i, m in enumerate(collapsed) if _stack_holding(path_of[m.name], [stack])]
-      members = [collapsed[i] for i in at]
-      rank = [called.get(tuple(str(k) for k in path_of[m.name])) for m in members]
-      if members and None not in rank:  # a linen builder's calls give the order
-        ordered = [m for _, m in sorted(zip(rank, members, strict=True), key=lambda t: t[0])]
-        for i, m in zip(at, ordered, strict=True):
-          collapsed[i] = m
-        continue
-      inner = [m.name for m in members]
-      if warn_sorted and len(inner) > 1 and inner == sorted(inner):
-        example = ", ".join(repr(n) for n in names)
-        order_lib._warn(  # pylint: disable=protected-access
-            f"the sub-modules of stacked module {stack.name!r} "
-            f"({_short_list(inner)}) come in sorted order, which is how "
-            "nn.scan and jax return them, not necessarily the order they were "
-            "created: the cap may cut each layer in the wrong place. Give a "
-            "builder (stac(lambda: model.init(key, x), ...): the order the "
-            "block calls its modules is recorded), or module_order naming each "
-            f"sub-module once, in creation order: module_order=({example}) "
-            "reordered as the block creates them."
-        )
+      inner = [m.name for m in collapsed if _stack_holding(path_of[m.name], [stack])]
+      if stack.path in dict_ordered and len(inner) > 1 and inner == sorted(inner):
+        _warn_sorted_stack(stack.name, inner, names, from_builder)
 
   modules: list[ModuleGroup] = []
   done: set[str] = set()
@@ -1173,6 +1154,25 @@ def _stacked_module_list(
           f"per-layer module or each stacked sub-module once: {_short_list(names, 12)}."
       ) from None
   return modules
+
+
+def _warn_sorted_stack(
+    stack: str, inner: list[str], names: list[str], from_builder: bool
+) -> None:
+  example = ", ".join(repr(n) for n in names)
+  give = (
+      "Give module_order" if from_builder else
+      "Give a builder (stac(lambda: model.init(key, x), ...): the block's "
+      "registration order is read from Flax's module tree), or module_order"
+  )
+  order_lib.warn_lost_order(
+      f"the sub-modules of stacked module {stack!r} ({_short_list(inner)}) "
+      "come in sorted order, which is how nn.scan and jax return them, not "
+      "necessarily the order they were registered: the cap may cut each "
+      f"layer in the wrong place. {give} naming each sub-module once, in "
+      f"registration order: module_order=({example}) reordered as the block "
+      "registers them."
+  )
 
 
 def _reorder(modules: list[ModuleGroup], module_order: Sequence[str]) -> list[ModuleGroup]:
