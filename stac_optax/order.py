@@ -46,7 +46,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -104,6 +104,8 @@ class Discovery:
       order, for want of a record of their registration order (Flax's
       module tree, NNX's attribute record).
     from_builder: the model came from a builder.
+    sorted_subtrees: parts of a dict-ordered tree in sorted key order, where
+      the rest is not (see :func:`check_tree_order`); the caller warns.
   """
 
   node_paths: list[Path]
@@ -111,6 +113,7 @@ class Discovery:
   aliases: dict[str, str]
   dict_ordered: frozenset[Path] = frozenset()
   from_builder: bool = False
+  sorted_subtrees: tuple[Path, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -180,7 +183,8 @@ def _discover_value(
     return _discover_nnx(obj, check_order, candidate, from_builder)
   found, levels = _discover_tree(_params_tree(obj), record)
   if check_order:
-    check_tree_order(levels, found.parameters, from_builder=from_builder)
+    subtrees = check_tree_order(levels, found.parameters, from_builder=from_builder)
+    found = dataclasses.replace(found, sorted_subtrees=subtrees)
   return found
 
 
@@ -474,31 +478,60 @@ def _numbered(key: str) -> tuple[str, int] | None:
   return (match.group(1), int(match.group(2))) if match else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Level:
+  """One dict level, with only the keys whose subtree holds a parameter."""
+
+  path: Path
+  names: list[str]
+  is_sorted: bool
+  movable: bool  # its sub-modules could have been registered in another order
+
+
+def _levels_with_choices(
+    levels: list[tuple[Path, list[Hashable]]], parameters: list[tuple[Path, Any]]
+) -> list[_Level]:
+  leaves = {tuple(path) for path, _ in parameters}
+  relevant = {tuple(path[:i]) for path in leaves for i in range(1, len(path) + 1)}
+  found = []
+  for path, all_keys in levels:
+    keys = [k for k in all_keys if (*path, k) in relevant]
+    if len(keys) >= 2:
+      modules = [str(k) for k in keys if (*path, k) not in leaves]
+      found.append(_Level(tuple(path), [str(k) for k in keys], _is_sorted(keys), _orders(modules) > 1))
+  return found
+
+
 def check_tree_order(
     levels: list[tuple[Path, list[Hashable]]],
     parameters: list[tuple[Path, Any]],
     *,
     from_builder: bool = False,
-) -> None:
+) -> tuple[Path, ...]:
   """Refuses a provably lost dict order; warns about a possibly lost one.
 
   Only dict levels count (lists keep their order), and at each only the keys
-  whose subtree holds a parameter. ``jax.tree_util`` rebuilds *every* dict
-  level in sorted key order, so a tree with one unsorted level was not
-  rebuilt that way and passes.
+  whose subtree holds a parameter. ``jax.tree_util`` rebuilds every dict
+  level it passes through in sorted key order, and so do the lifted
+  transforms (``nn.scan``, ``nn.remat``, ``nn.jit``) for their part of a
+  linen ``init``.
 
   *Provably lost*: a sorted level whose numbered names are out of numeric
   order (``Dense_10`` before ``Dense_2``, ``'10'`` before ``'2'``): linen's
   auto-names and Orbax's list indices count in registration order, so only a
   sort puts them so.
 
-  *Possibly lost*: every level sorted, and at least one level whose
-  sub-modules could have been registered in another order (one that keeps
-  each numbered family, ``Conv_0, Conv_1, ...``, in numeric order), which
-  could move the cap. A tree whose module levels each allow a single order
-  (``Dense_0 ... Dense_9``) passes: any registration order gives its cap.
-  How often a model's fresh ``init`` is sorted by chance so is measured in
-  ``docs/optimizer.md``.
+  *Possibly lost*: a sorted level whose sub-modules could have been
+  registered in another order (one that keeps each numbered family,
+  ``Conv_0, Conv_1, ...``, in numeric order), with every level under it
+  sorted too: another registration order would give the same dicts and
+  another cap. Where every level of the tree is so, this warns; a sorted
+  part of a tree that is not sorted elsewhere (what a lifted transform
+  leaves in a fresh ``init``) is returned, to be warned about by the caller,
+  which knows the stacked modules that have a check of their own. A level
+  that allows a single order (``Dense_0 ... Dense_9``) gives its cap
+  whatever the order was. How often fresh models are sorted by chance is
+  measured in ``docs/optimizer.md``.
 
   Args:
     levels: each dict level's path and keys, in the order read.
@@ -506,30 +539,59 @@ def check_tree_order(
     from_builder: the tree came from a builder (the fix named is then not
       "give a builder").
 
+  Returns:
+    The outermost sorted subtrees of a tree that is not sorted everywhere.
+
   Raises:
     ModuleOrderError: the order is provably lost.
 
   Warns:
-    ModuleOrderWarning: the order is possibly lost.
+    ModuleOrderWarning: every level is sorted and the cap could move.
   """
-  leaves = {tuple(path) for path, _ in parameters}
-  relevant = {tuple(path[:i]) for path in leaves for i in range(1, len(path) + 1)}
-  chances: dict[tuple[str, ...], int] = {}
-  all_sorted, movable = True, False
-  for path, all_keys in levels:
-    keys = [k for k in all_keys if (*path, k) in relevant]
-    if len(keys) < 2:
+  found = _levels_with_choices(levels, parameters)
+  for level in found:
+    if level.is_sorted:
+      _refuse_out_of_numeric_order(level.path, level.names, from_builder)
+  if found and all(level.is_sorted for level in found):
+    if any(level.movable for level in found):
+      chances = {tuple(level.names): _orders(level.names) for level in found}
+      _warn_sorted(math.prod(chances.values()), len(chances), from_builder)
+    return ()
+  return _sorted_subtrees(found)
+
+
+def _below(path: Path, top: Path) -> bool:
+  return tuple(path[: len(top)]) == tuple(top)
+
+
+def _sorted_subtrees(found: list[_Level]) -> tuple[Path, ...]:
+  unsorted = [level.path for level in found if not level.is_sorted]
+  subtrees: list[Path] = []
+  for level in found:  # pre-order: outer levels first
+    if not (level.is_sorted and level.movable):
       continue
-    if not _is_sorted(keys):
-      all_sorted = False  # not rebuilt by jax: the dicts keep their order
+    if any(_below(level.path, top) for top in subtrees):
       continue
-    names = [str(k) for k in keys]
-    _refuse_out_of_numeric_order(path, names, from_builder)
-    chances[tuple(names)] = _orders(names)
-    modules = [str(k) for k in keys if (*path, k) not in leaves]
-    movable = movable or _orders(modules) > 1
-  if all_sorted and movable:
-    _warn_sorted(math.prod(chances.values()), len(chances), from_builder)
+    if not any(_below(path, level.path) for path in unsorted):
+      subtrees.append(level.path)
+  return tuple(subtrees)
+
+
+def warn_sorted_subtrees(
+    subtrees: Sequence[Path], *, skip: Sequence[Path] = (), from_builder: bool = False
+) -> None:
+  """Warns about the sorted subtrees :func:`check_tree_order` returned,
+  except those at or under a path in ``skip``."""
+  named = [_tree.path_name(p) for p in subtrees if not any(_below(p, top) for top in skip)]
+  if not named:
+    return
+  warn_lost_order(
+      f"under {_tree.short_list(named)}, every level of the parameter tree is "
+      "in sorted key order, while other parts are not: that is how nn.scan, "
+      "nn.remat, nn.jit and nn.vmap return the variables of the modules they "
+      "wrap, so the registration order of the modules there was probably "
+      "lost, and the cap may cut them in the wrong place. " + fix(from_builder)
+  )
 
 
 def _is_sorted(keys: list[Hashable]) -> bool:

@@ -1031,6 +1031,9 @@ def partition_modules(
     )
 
   stacks = stacked_lib.resolve(stacked_modules, found.parameters, found.node_paths)
+  order_lib.warn_sorted_subtrees(  # a stacked module's own check names its sub-modules
+      found.sorted_subtrees, skip=[s.path for s in stacks], from_builder=found.from_builder
+  )
   owned: dict[Path, list[Path]] = {}
   for path, _ in trainable_params:
     owned.setdefault(tuple(path[:-1]), []).append(tuple(path))
