@@ -1,20 +1,28 @@
 """Registration order of linen modules, read from Flax's module tree.
 
 Flax keeps each bound linen module's children (sub-modules and variables) in
-the order they were registered: the order ``setup`` assigns them, or the
-order an ``@nn.compact`` method creates them. That is PyTorch's
-``named_modules()`` order for the same model written with ``__init__``. The
-variables dict that ``model.init`` returns is another order: the order of
-first *use*, and sorted wherever a lifted transform (``nn.remat``,
-``nn.jit``, ``nn.scan``, ``nn.vmap``, ...) or ``jax.jit`` rebuilt it.
+the order they were registered. A module written with ``setup`` declares its
+sub-modules there, in the order its PyTorch twin's ``__init__`` assigns them,
+and its ``__call__`` may use them in another order: their registration order
+is the ``setup`` order (list attributes by index). An ``@nn.compact`` method
+declares a sub-module where it first calls it: its registration order is the
+order of first calls. (Flax creates them in another order where calls nest:
+in ``nn.Dense(2)(nn.relu(nn.Dense(8)(x)))`` the outer ``Dense`` is created
+first, as ``Dense_0``, and runs last, as the PyTorch twin's last layer.) The
+variables dict that ``model.init`` returns is in the order of first *use*,
+also for ``setup`` modules, and sorted wherever a lifted transform
+(``nn.remat``, ``nn.jit``, ``nn.scan``, ``nn.vmap``, ...) or ``jax.jit``
+rebuilt it.
 
 :func:`recording` watches every linen method call while a builder runs (with
-:func:`flax.linen.intercept_methods`) and keeps each module instance it sees.
-Lifted transforms run a module as a clone at the same path, so the children
-of all instances at one path are merged, first seen first. A module defined
-with ``setup`` registers the modules of a list attribute in the order Flax
-sorts their names (``blocks_0, blocks_1, blocks_10, ...``); their list order,
-which is PyTorch's ``nn.ModuleList`` order, is read from the attribute.
+:func:`flax.linen.intercept_methods`), keeps each module instance it sees and
+the order in which module paths are first called. Lifted transforms run a
+module as a clone at the same path, so the children of all instances at one
+path are merged, first seen first. Flax's record of a module's children
+(``setup`` assignments, then compact creations, with its variables) gives
+the rest: ``setup`` attributes are read in assignment order, their lists by
+index (Flax registers a list's modules in the order it sorts their names,
+``blocks_0, blocks_1, blocks_10, ...``).
 """
 
 from __future__ import annotations
@@ -79,18 +87,40 @@ def _test_scope_type() -> type | None:
   return getattr(linen_module, "TestScope", None)
 
 
-def registered_children(module: Any) -> list[str]:
+def registered_children(module: Any, first_call: Mapping[Path, int]) -> list[str]:
   """A bound linen module's children, in registration order.
 
   Flax's own record (the module's internal children mapping), with the
-  modules held by ``setup`` attributes put in attribute order, lists by
-  index, where Flax sorted their names.
+  modules held by attributes (``setup`` assignments, modules passed in) put
+  in attribute order, lists by index, and the modules a compact method
+  created put in the order they were first called (``first_call``: module
+  path -> rank); variables stay in creation order.
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   state = getattr(module, "_state", None)
-  children = [str(k) for k in getattr(state, "children", {})]
-  present = set(children)
+  record = getattr(state, "children", {})
+  children = [str(k) for k in record]
+  declared = _declared_children(module, set(children))
+  created = [str(k) for k, v in record.items() if isinstance(v, nn.Module) and str(k) not in declared]
+  path = tuple(str(k) for k in module.path)
+  rank = {name: first_call.get((*path, name), len(first_call)) for name in created}
+  _fill(children, declared)
+  _fill(children, sorted(created, key=lambda name: rank[name]))
+  return children
+
+
+def _fill(children: list[str], names: Sequence[str]) -> None:
+  """Puts ``names`` in the places of ``children`` that they hold, in their order."""
+  slots = [i for i, name in enumerate(children) if name in set(names)]
+  for i, name in zip(slots, names, strict=True):
+    children[i] = name
+
+
+def _declared_children(module: Any, present: set[str]) -> list[str]:
+  """The children the module holds as attributes, in attribute order."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
   declared: list[str] = []
   for attribute, value in vars(module).items():
     if attribute in _OWN_ATTRIBUTES:
@@ -103,10 +133,7 @@ def registered_children(module: Any) -> list[str]:
       if (isinstance(leaf, nn.Module) and leaf.parent is module
           and leaf.name in present and leaf.name not in declared):
         declared.append(leaf.name)
-  slots = [i for i, name in enumerate(children) if name in set(declared)]
-  for i, name in zip(slots, declared, strict=True):
-    children[i] = name
-  return children
+  return declared
 
 
 @contextlib.contextmanager
@@ -125,6 +152,7 @@ def recording() -> Iterator[LinenOrder]:
   test_scope = _test_scope_type()
   seen: set[int] = set()
   modules: list[Any] = []
+  first_call: dict[Path, int] = {}
 
   def intercept(method, args, kwargs, context):
     module = context.module
@@ -134,12 +162,13 @@ def recording() -> Iterator[LinenOrder]:
     ):
       seen.add(id(module))
       modules.append(module)
+      first_call.setdefault(tuple(str(k) for k in module.path), len(first_call))
     return method(*args, **kwargs)
 
   with nn.intercept_methods(intercept):
     yield record
   for module in modules:
-    record.add(tuple(str(k) for k in module.path), registered_children(module))
+    record.add(tuple(str(k) for k in module.path), registered_children(module, first_call))
 
 
 def covers(record: LinenOrder, tree: Any) -> bool:

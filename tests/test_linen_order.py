@@ -53,12 +53,12 @@ class SetupBlock(nn.Module):
 
 
 class CompactBlock(nn.Module):
-  """Creates up, down; calls down first."""
+  """Calls up, then down; Flax creates down first (the outer call), and the
+  dict lists down first wherever a transform sorts it."""
 
   @nn.compact
   def __call__(self, x):
-    up, down = nn.Dense(4, name="up"), nn.Dense(4, name="down")
-    return up(nn.relu(down(x)))
+    return nn.Dense(4, name="down")(nn.relu(nn.Dense(4, name="up")(x)))
 
 
 class TorchBlock(torch.nn.Module):
@@ -253,19 +253,30 @@ def test_cond_and_switch_keep_the_registration_order():
   assert part.module_names == ("a/up", "a/down", "z/up", "z/down", "s/up", "s/down", "head")
 
 
-class CreatedBeforeUse(nn.Module):
-  """Created a, b; used b first: compact registration is creation order."""
+class Nested(nn.Module):
+  """The hidden layer runs first; Flax creates the outer (output) layer first."""
 
   @nn.compact
   def __call__(self, x):
-    a, b = nn.Dense(4), nn.Dense(4)
-    return a(b(x))
+    return nn.Dense(2)(nn.relu(nn.Dense(8)(x)))
 
 
-def test_compact_modules_count_in_creation_order_not_use_order():
-  fresh = CreatedBeforeUse().init(KEY, X)
-  assert list(fresh["params"]) == ["Dense_1", "Dense_0"]
-  assert _cap(lambda: CreatedBeforeUse().init(KEY, X), 1) == ("Dense_1",)
+class TorchNested(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.hidden = torch.nn.Linear(4, 8)
+    self.out = torch.nn.Linear(8, 2)
+
+
+def test_compact_modules_count_in_first_call_order_not_creation_order():
+  fresh = Nested().init(KEY, X)
+  assert list(fresh["params"]) == ["Dense_1", "Dense_0"]  # Dense_0, the output, was created first
+  with _no_order_warning():
+    part = stac_optax.partition_modules(lambda: Nested().init(KEY, X), last_n_modules=1)
+  assert part.module_names == ("Dense_1", "Dense_0")
+  assert part.adamw_module_names == ("Dense_0",)
+  assert dict(part.parameter_shapes)["Dense_0/kernel"] == (8, 2)
+  assert _torch_cap(TorchNested(), 1) == ("out",)
 
 
 # -- jax.jit(model.init): small sorted dicts are never silent ------------------
