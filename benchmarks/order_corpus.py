@@ -119,6 +119,7 @@ def main(argv=None) -> dict[str, Any]:
   }
   fresh_right = [m for m in models.values() if m["fresh"] in ("same", "false warning")]
   result = {
+      "benchmark": "order",
       "machine": "CPU, JAX " + jax.__version__,
       "models": models,
       "fresh_false_warnings": sum(m["fresh"] == "false warning" for m in fresh_right),

@@ -962,7 +962,7 @@ def partition_modules(
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
       level in sorted order, which a fresh model gives rarely by chance); see
-      :func:`stac_optax.order.check_tree_order`. Also when the sub-modules
+      :func:`stac_optax.order_checks.check_tree_order`. Also when the sub-modules
       of a stacked module come from a dict in sorted order (``nn.scan``
       returns them so) and ``module_order`` does not give their order.
 
