@@ -220,12 +220,15 @@ def _abstract(leaf: Any) -> Any:
 
 def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> Discovery:
   _check_takes_no_arguments(builder)
-  found = _trace_builder(builder, check_order, candidate, jit=True)
+  found = _trace_builder(builder, check_order, candidate, jit=True, need_record=True)
   if found is None:
     # A linen module level the record missed: nn.jit reuses a trace it has
     # cached (from an earlier init, or a sibling block), so the modules
     # inside never ran. Traced again with jit disabled, they run.
-    found = _trace_builder(builder, check_order, candidate, jit=False)
+    try:
+      found = _trace_builder(builder, check_order, candidate, jit=False, need_record=False)
+    except Exception:  # pylint: disable=broad-except  # code that needs jit: the dict's order, checked
+      found = _trace_builder(builder, check_order, candidate, jit=True, need_record=False)
   assert found is not None
   return found
 
@@ -245,12 +248,13 @@ def _check_takes_no_arguments(builder: Any) -> None:
 
 
 def _trace_builder(
-    builder: Any, check_order: bool, candidate: Any, *, jit: bool
+    builder: Any, check_order: bool, candidate: Any, *, jit: bool, need_record: bool
 ) -> Discovery | None:
   """Calls ``builder`` under :func:`jax.eval_shape` and reads its modules.
 
-  Returns ``None``, before any check, when ``jit`` is true and Flax's record
-  of the linen modules misses a level of the variables (see above).
+  Returns ``None``, before any check, when ``need_record`` is true and
+  Flax's record of the linen modules misses a level of the variables; with
+  ``jit`` false, ``jax.jit`` (and so ``nn.jit``) runs the Python it wraps.
   """
   result: list[Discovery | None] = []
 
@@ -260,7 +264,7 @@ def _trace_builder(
     _check_built(built)
     if _tree.is_nnx_module(built) or not record:
       record = None
-    elif jit and not linen_order.covers(record, _params_tree(built)):
+    elif need_record and not linen_order.covers(record, _params_tree(built)):
       result.append(None)
       return
     found = _discover_value(
@@ -418,7 +422,9 @@ def _discover_tree(
       recorded = record.order(path, keys) if record is not None else None
       if recorded is None:
         levels.append((path, keys))
-      children = [(k, node[k]) for k in (keys if recorded is None else recorded)]
+      else:
+        keys = _sub_modules_reordered(node, keys, recorded)
+      children = [(k, node[k]) for k in keys]
     elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
       children = list(enumerate(node))
     else:
@@ -438,3 +444,14 @@ def _discover_tree(
     node_paths.append(())  # is the root module's parameter, named ''
   found = Discovery(node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels))
   return found, levels
+
+
+def _sub_modules_reordered(
+    node: Mapping, keys: list[Hashable], recorded: list[Hashable]
+) -> list[Hashable]:
+  """``keys`` with the sub-module entries (dicts) in the recorded order; a
+  module's own parameters keep their dict order (the order they have in
+  every other form of the same tree, so that partitions compare equal)."""
+  modules = [k for k in recorded if isinstance(node[k], Mapping)]
+  slots = iter(modules)
+  return [next(slots) if isinstance(node[k], Mapping) else k for k in keys]

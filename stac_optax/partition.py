@@ -1061,10 +1061,10 @@ def partition_modules(
       resolved_last_n_modules=cap,
       frozen_parameter_names=frozen,
       parameter_aliases=tuple(sorted(found.aliases.items())),
-      parameter_shapes=tuple(
+      parameter_shapes=tuple(sorted(  # a lookup table: the same whatever the walk's order
           (path_name(p), tuple(int(d) for d in np.shape(_unbox(leaf))))
           for p, leaf in found.parameters
-      ),
+      )),
       stacked_modules=tuple((s.name, s.axis, s.layers) for s in stacks),
   )
 
