@@ -24,7 +24,7 @@ What this module reads, in order of trust:
    x)``). It is called under :func:`jax.eval_shape` (no parameter memory, no
    FLOPs). For linen, the order is read from Flax's module tree while it runs
    (:mod:`stac_optax.linen_order`): ``setup`` declaration order,
-   ``@nn.compact`` creation order, through lifted transforms.
+   ``@nn.compact`` first-call order, through lifted transforms.
 2. An NNX module: attribute assignment order (``vars(module)``), or, for a
    module NNX rebuilt, the assignment order NNX recorded for it.
 3. A linen variables dict or plain nested dict: dict insertion order; lists
@@ -109,7 +109,7 @@ def is_builder(obj: Any) -> bool:
 def discover(
     model_or_params: Any, *, check_order: bool = True, candidate: Any = None
 ) -> Discovery:
-  """Finds the candidate parameters and the nodes of a model, in creation order.
+  """Finds the candidate parameters and the nodes of a model, in registration order.
 
   Args:
     model_or_params: a builder, an NNX module, a linen variables or params

@@ -56,7 +56,7 @@ class ModuleOrderWarning(UserWarning):
 
 
 class ModuleOrderError(ValueError):
-  """The modules' creation order was provably lost before STAC read it."""
+  """The modules' registration order was provably lost before STAC read it."""
 
 
 

@@ -1,4 +1,4 @@
-"""The partition: counted modules in creation order, the cap size, path labels.
+"""The partition: counted modules in registration order, the cap size, path labels.
 
 A *counted module* is a node of the parameter tree that directly owns at least
 one trainable parameter; the module of a parameter is its parent path. Counted
