@@ -118,13 +118,27 @@ def stacked(report):
   return "\n".join(lines)
 
 
+def order(report):
+  lines = [f"{report['machine']}; fresh inits in registration order: {report['fresh_right_order']}, "
+           f"false warnings {report['fresh_false_warnings']}; sorted dicts silent: "
+           f"{report['jitted_silent']} (previous rule: {report['jitted_silent_old_rule']}); "
+           f"small models' sorted dicts silent: {report['small_jitted_silent']} (previous rule: "
+           f"{report['small_jitted_silent_old_rule']}).\n",
+           "| model | counted modules | cap | fresh init | default cap right | jax.jit(init) | previous rule |",
+           "| --- | ---: | ---: | --- | --- | --- | --- |"]
+  for name, r in {**report["models"], **report["small_models"]}.items():
+    lines.append(f"| {name} | {r['modules']} | {r['cap_size']} | {r['fresh']} | "
+                 f"{'yes' if r['fresh_cap_right'] else 'no'} | {r['jitted']} | {r['old_rule']} |")
+  return "\n".join(lines)
+
+
 def main(paths):
   for path in paths:
     with open(path) as f:
       report = json.load(f)
     print(f"\n<!-- {path} -->\n")
     tables = {"research": research, "memory": memory, "speed": speed, "compile": compile_times,
-              "stacked": stacked}
+              "stacked": stacked, "order": order}
     print(tables[report["benchmark"]](report))
 
 

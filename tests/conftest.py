@@ -35,6 +35,8 @@ SLOW_FILES = (
     "test_ecosystem.py",
     "test_resume_after_crash.py",
     "test_order.py",
+    "test_linen_order.py",
+    "test_corpus.py",
     "test_typing.py",
     "test_sharding.py",
     "test_hardening.py",

@@ -20,7 +20,13 @@ from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import _tree_from_values, params_from_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import match_parameters, partition_of, traces_builders_once
-from stac_optax.torch_interop.runs import _torch_split, flax_cap_size, trainable_from_torch
+from stac_optax.torch_interop.runs import (
+    ORDER_FIX,
+    _torch_split,
+    flax_cap_size,
+    split_difference,
+    trainable_from_torch,
+)
 from stac_optax.torch_interop.stacking import stack, unstack
 
 _CAP_ARGS = ("last_n_modules", "last_n_ratio", "adamw_ratio")
@@ -94,6 +100,7 @@ class ParityReport:
   flax_module_count: int = 0
   flax_last_n_modules_for_torch_cap: int | None = None
   batch: BatchParity | None = None
+  cap_difference: str = ""  # the first modules in one cap only, each side
 
   @property
   def ok(self) -> bool:
@@ -112,10 +119,12 @@ class ParityReport:
     lines = [
         f"STAC parity over {self.steps} steps{shared} (rtol={self.rtol:g}, atol={self.atol:g}): "
         + ("OK" if self.ok else "MISMATCH"),
-        f"cap in PyTorch: {', '.join(self.torch_cap) or 'none'}",
-        f"cap in Flax:    {', '.join(self.flax_cap) or 'none'}"
+        f"cap in PyTorch: {_names(self.torch_cap)}",
+        f"cap in Flax:    {_names(self.flax_cap)}"
         + ("" if self.partition_matches else "   <- differs"),
     ]
+    if not self.partition_matches and self.cap_difference:
+      lines.append(f"modules in one cap only: {self.cap_difference}")
     if self.torch_module_count != self.flax_module_count:
       lines.append(
           f"counted modules: {self.torch_module_count} in PyTorch, {self.flax_module_count} "
@@ -126,6 +135,11 @@ class ParityReport:
           f"PyTorch's cap is the last {self.flax_last_n_modules_for_torch_cap} Flax modules: "
           f"pass flax_last_n_modules={self.flax_last_n_modules_for_torch_cap} "
           f"(stac(..., last_n_modules={self.flax_last_n_modules_for_torch_cap}) in JAX)"
+      )
+    elif not self.partition_matches:
+      lines.append(
+          f"no Flax cap size gives PyTorch's cap: {ORDER_FIX} (check_parity(..., "
+          "module_order=...), and the same module_order= to stac)"
       )
     if self.batch is not None:
       b = self.batch
@@ -298,6 +312,14 @@ def check_parity(
   same = partition_of(target, trainable, last_n_modules=n_equivalent, **layout)
   equivalent = n_equivalent if set(same.adamw_parameter_names) == torch_cap_flax else None
   torch_count = sum(len(v) for v in _torch_split(module, 0).values())
+  flax_name_of = {m.torch_name: owner(m) for m in matches}
+  cap_difference = split_difference(
+      [m.torch_name for m in matches
+       if m.torch_name in torch_cap_params and owner(m) not in set(partition.adamw_parameter_names)],
+      [m.torch_name for m in matches
+       if m.torch_name not in torch_cap_params and owner(m) in set(partition.adamw_parameter_names)],
+      flax_name_of,
+  )
 
   tx_kwargs = {k: v for k, v in stac_kwargs.items() if k not in _CAP_ARGS}
   tx = stac(partition, **tx_kwargs)
@@ -408,7 +430,14 @@ def check_parity(
       flax_cap=partition.adamw_module_names, partition_matches=partition_matches, parameters=rows,
       torch_module_count=torch_count, flax_module_count=len(partition.modules),
       flax_last_n_modules_for_torch_cap=equivalent, batch=batch_report,
+      cap_difference=cap_difference,
   )
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+  """``a, b, ... (n more)``, or ``none``."""
+  shown = ", ".join(names[:limit])
+  return (shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")) or "none"
 
 
 def _jitted_step(tx) -> Callable:
