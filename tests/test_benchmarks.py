@@ -98,3 +98,50 @@ def test_report_prints_the_committed_results_with_the_documented_command():
   for path in paths:
     assert f"<!-- {path} -->" in done.stdout
   assert "| STAC default |" in done.stdout
+
+
+def test_gpu_check_smoke_writes_a_complete_report(tmp_path):
+  """``bash scripts/gpu_check.sh --smoke`` (the prepared GPU check at tiny
+  sizes on the CPU): every part done, parity met, every step measured."""
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import gpu_check, gpu_parity  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--smoke", str(tmp_path)],
+                        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  assert report["benchmark"] == "gpu_check" and report["smoke"] and report["complete"]
+  assert {k: v["status"] for k, v in report["parts"].items()} == {
+      "parity": "done", "bandwidth": "done", "tiny": "done", "leaves": "done"}
+  assert report["environment"]["jax_devices"] and report["environment"]["versions"]["stac-optimizer"] == "0.3.0"
+  cases = report["parity"]["cases"]
+  assert set(cases) == set(gpu_parity.CASES) and all(c["ok"] for c in cases.values()), cases
+  skip = cases["non-finite skip, bitwise"]
+  assert skip["jax_bitwise_unchanged"] and skip["torch_bitwise_unchanged"]
+  assert _finite(report["bandwidth"]["copy_gb_per_s"])
+  for label, names in (("tiny", gpu_check.JAX_NAMES), ("leaves", gpu_check.SMOKE_LEAVES_JAX)):
+    size = report["sizes"][label]
+    assert not size["errors"] and not size["skipped"], size
+    assert set(size["optimizers"]) == set(names) | set(gpu_check.TORCH_NAMES)
+    for name, r in size["optimizers"].items():
+      assert all(_finite(r[k]) for k in ("median_ms", "min_ms", "first_call_ms", "bytes_moved",
+                                         "fraction_of_copy", "vs_adamw")), (label, name)
+      assert isinstance(r["state_bytes"], int), (label, name)
+      assert r["peak_step_bytes"] is None  # no memory statistics on the CPU
+      if r["framework"] == "jax":
+        assert _finite(r["compile_s"]) and isinstance(r["xla_temp_bytes"], int), (label, name)
+      else:
+        assert _finite(r["stac_optax_speedup"]), (label, name)
+  assert report["sizes"]["leaves"]["leaves"] == 21 and _finite(report["sizes"]["tiny"]["guard_fraction"])
+  # the same cap in both frameworks (PyTorch's stac-optimizer counts the twin's modules)
+  for size in report["sizes"].values():
+    assert size["optimizers"]["PyTorch STAC default"]["cap_parameters"] == size["cap_parameters"]
+  assert all(t["pass"] in (True, False) and _finite(t["value"]) for t in report["targets"])
+  assert report["targets"][-1]["target"].startswith("parity") and report["targets"][-1]["pass"]
+  assert (tmp_path / "gpu_check.png").stat().st_size > 5_000
+  assert "gpu_check:" in (tmp_path / "gpu_check.log").read_text()
