@@ -5,15 +5,15 @@ Run it through its wrapper, which brings stac-optimizer 0.3.0 and 0.1.5
 sets JAX's memory options before JAX starts:
 
     bash scripts/gpu_check.sh --prepare          # here, with network: fetch the wheels into .whl/
-    bash scripts/gpu_check.sh OUTDIR             # on the CUDA machine (about 4 to 7 minutes on an H100)
+    bash scripts/gpu_check.sh OUTDIR             # on the CUDA machine (built to end within 8 minutes)
     bash scripts/gpu_check.sh --smoke OUTDIR     # anywhere: tiny sizes, JAX and PyTorch on the CPU
 
 Through the device tool, from the checkout it sends, after --prepare there
-(a rerun of parts left out: add `--parts 1B,leaves --budget-s 180`, timeout_s=240):
+(a rerun of parts left out: add `--parts 1B,leaves --budget-s 150`, timeout_s=210):
 
     run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=480)
 
-The parts, in order, each stopped at its share of --budget-s (default 390 s:
+The parts, in order, each stopped at its share of --budget-s (default 360 s:
 nothing new starts after that; one compile already begun may run over):
   environment  jax.devices(), driver, JAX/jaxlib/CUDA/PyTorch versions.
   parity       stac_optax against stac-optimizer with both on the same device:
@@ -44,7 +44,14 @@ JSON's "targets" section says which of the GPU targets the figures meet.
 # ruff: noqa: E402
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+
+NEEDED = ("jax", "optax", "flax", "chex", "numpy", "torch", "matplotlib", "stac_optimizer")
+if __name__ == "__main__" and any(importlib.util.find_spec(m) is None for m in NEEDED):
+  sys.exit(f"gpu_check: {sys.executable} has no {[m for m in NEEDED if importlib.util.find_spec(m) is None]}; "
+           "stac-optimizer comes with `bash scripts/gpu_check.sh --prepare` (network) and carry=['.whl'].")
 
 # Before JAX starts: it would take 75% of the GPU's memory at its first
 # allocation, and PyTorch shares the process.
@@ -157,24 +164,22 @@ def stac015_folder() -> pathlib.Path:
 
 
 def missing(smoke: bool) -> list[str]:
-  """What the check needs and cannot find, each with how to bring it."""
+  """What the check needs and cannot find (the packages are checked before
+  anything is imported), each with where it was looked for."""
+  import stac_optimizer  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
   out = []
-  for module in ("optax", "flax", "chex", "torch", "matplotlib", "stac_optimizer"):
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      out.append(f"the Python package {module} ({e})")
   with contextlib.suppress(importlib.metadata.PackageNotFoundError):
     version = importlib.metadata.version("stac-optimizer")
     if version != "0.3.0":
-      out.append(f"stac-optimizer 0.3.0 (found {version})")
+      out.append(f"stac-optimizer 0.3.0 (found {version} at {stac_optimizer.__file__})")
   if not (stac015_folder() / "stac_optimizer" / "__init__.py").exists():
     out.append(f"stac-optimizer 0.1.5 in {stac015_folder()} ($STAC_OPTIMIZER_015)")
   if not smoke:
     if jax.devices()[0].platform != "gpu":
       out.append(f"a CUDA device for JAX (jax.devices() is {jax.devices()}; use --smoke on a CPU)")
-    torch = sys.modules.get("torch")
-    if torch is not None and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
       out.append("a CUDA device for PyTorch (torch.cuda.is_available() is False)")
   return out
 
@@ -197,6 +202,7 @@ def environment(smoke: bool) -> dict:
   info = common.environment()
   device = jax.devices()[0]
   info.update({"smoke": smoke, "jax_devices": [str(d) for d in jax.devices()], "versions": versions(),
+               "stac_optimizer_file": importlib.import_module("stac_optimizer").__file__,
                "jax_memory_stats": device.memory_stats() if hasattr(device, "memory_stats") else None,
                "xla_env": {k: v for k, v in os.environ.items() if k.startswith("XLA")},
                "jax_environment": jax.print_environment_info(return_string=True)})
@@ -272,15 +278,18 @@ def groups_of(names, n: int, cap: int, limits: dict) -> list[list[str]]:
   return groups + [current] if current else groups
 
 
-def memory_limits(n: int) -> dict:
-  """Bytes each framework may fill at a time (unbounded on a CPU)."""
-  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
-  torch = sys.modules["torch"]
-  if not stats or "bytes_limit" not in stats or not torch.cuda.is_available():
+def memory_limits(n: int, total: float = math.inf, jax_limit: float = math.inf) -> dict:
+  """Bytes each framework may fill at a time, from the device's memory and
+  JAX's share of it (read from the device when not given; unbounded on a CPU)."""
+  if total == math.inf:
+    torch = sys.modules["torch"]
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if stats and "bytes_limit" in stats and torch.cuda.is_available():
+      total, jax_limit = torch.cuda.get_device_properties(0).total_memory, stats["bytes_limit"]
+  if total == math.inf:
     return {"jax": math.inf, "torch": math.inf}
-  total = torch.cuda.get_device_properties(0).total_memory
-  return {"jax": 0.7 * stats["bytes_limit"] - 4 * n,  # the shared original params stay
-          "torch": 0.7 * (total - stats["bytes_limit"])}
+  return {"jax": 0.7 * jax_limit - 4 * n,  # the shared original params stay
+          "torch": 0.7 * (total - jax_limit)}
 
 
 def jax_peak_step_bytes(step) -> int | None:
@@ -329,7 +338,7 @@ class SizeRun:
 
   def build(self, name: str, entry: dict):
     """A runnable step of ``name`` and its first figures, or None (skipped or failed)."""
-    if name in JAX_NAMES and self.left() < max(10.0, 2 * self.longest_compile):
+    if self.left() < (max(10.0, 2 * self.longest_compile) if name in JAX_NAMES else 3.0):
       entry["skipped"][name] = f"time budget ({self.left():.0f} s left)"
       return None
     try:
@@ -471,7 +480,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
   ax.set(xscale="log", yscale="log", xlabel="parameters (StateMemoryNet)", ylabel="median step time (ms)",
          title=f"optimizer step, {report['environment'].get('device_kind', '?')}")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   leaves = next((s for s in report["sizes"].values() if s["model"] != "StateMemoryNet"), None)
   if leaves:
     timed = [(n, r["median_ms"]) for n, r in leaves["optimizers"].items() if "median_ms" in r]
@@ -488,7 +498,8 @@ def parse(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("outdir", help="folder for gpu_check.json and gpu_check.png")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, JAX and PyTorch on the CPU")
-  parser.add_argument("--budget-s", type=float, default=None, help="seconds for all parts (390; smoke 120)")
+  parser.add_argument("--budget-s", type=float, default=None,
+                      help="seconds for all parts (360; smoke 600, which a smoke run never needs)")
   parser.add_argument("--parts", default=None,
                       help="comma-separated subset of parity,bandwidth,13M,100M,1B,leaves (default: all)")
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per step (40; smoke 3)")
@@ -502,7 +513,7 @@ def parse(argv):
   if set(args.parts) - {"parity"}:
     args.parts.append("bandwidth")  # the steps are measured against it
   args.parts = [p for p in every if p in args.parts]
-  args.budget_s = args.budget_s or (120.0 if args.smoke else 390.0)
+  args.budget_s = args.budget_s or (600.0 if args.smoke else 360.0)
   args.repeats = args.repeats or (3 if args.smoke else 40)
   args.torch_device = "cpu" if args.smoke else "cuda"
   args.min_call_s = 0.0 if args.smoke else 0.005
@@ -511,16 +522,20 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+
   args, sizes = parse(argv)
+  threads = torch.get_num_threads()
   if args.smoke:
     common.select_device("cpu")
-    import torch  # pylint: disable=import-outside-toplevel
-
     torch.set_num_threads(1)  # its OpenMP threads would contend with XLA's on a small CPU
   outdir = pathlib.Path(args.outdir)
   outdir.mkdir(parents=True, exist_ok=True)
-  with common.logged(outdir / "gpu_check.log"):
-    return check(args, sizes, outdir)
+  try:
+    with common.logged(outdir / "gpu_check.log"):
+      return check(args, sizes, outdir)
+  finally:
+    torch.set_num_threads(threads)
 
 
 def check(args, sizes: dict, outdir: pathlib.Path) -> dict:

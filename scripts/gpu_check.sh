@@ -37,8 +37,10 @@ install_wheels() {  # $1: target folder; installs 0.3.0 into $1/stac030 and 0.1.
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$wheels"
-  "${pip[@]}" download --quiet --no-deps --only-binary=:all: --ignore-requires-python -d "$wheels" \
-    "stac-optimizer==0.3.0" "stac-optimizer==0.1.5"
+  for version in 0.3.0 0.1.5; do  # one at a time: pip would refuse two versions of one package
+    "${pip[@]}" download --quiet --no-deps --only-binary=:all: --ignore-requires-python -d "$wheels" \
+      "stac-optimizer==$version"
+  done
   check="$(mktemp -d)"
   trap 'rm -rf "$check"' EXIT
   install_wheels "$check"
