@@ -62,14 +62,9 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib
-import importlib.metadata
 import json
 import math
 import pathlib
-import shutil
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -78,10 +73,9 @@ import jax
 import jax.numpy as jnp
 
 import stac_optax
-from benchmarks import common, gpu_parity, speed
+from benchmarks import common, gpu_parity, machine, speed
 from benchmarks import compile as compile_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZES = {"13M": 1024, "100M": 2880, "1B": 9216}  # StateMemoryNet widths
 SMOKE_SIZES = {"tiny": 64}
 LEAVES = {"n_blocks": 32, "d": 128, "ff": 512, "vocab": 1024}  # 16 * 32 + 5 = 517 leaves
@@ -154,70 +148,6 @@ def free_memory() -> None:
   if torch is not None and torch.cuda.is_available():
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-
-
-# -- what the run needs, and the machine -------------------------------------------------
-
-
-def stac015_folder() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("STAC_OPTIMIZER_015", ROOT / ".venv" / "stac-optimizer-0.1.5"))
-
-
-def missing(smoke: bool) -> list[str]:
-  """What the check needs and cannot find (the packages are checked before
-  anything is imported), each with where it was looked for."""
-  import stac_optimizer  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-
-  out = []
-  with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-    version = importlib.metadata.version("stac-optimizer")
-    if version != "0.3.0":
-      out.append(f"stac-optimizer 0.3.0 (found {version} at {stac_optimizer.__file__})")
-  if not (stac015_folder() / "stac_optimizer" / "__init__.py").exists():
-    out.append(f"stac-optimizer 0.1.5 in {stac015_folder()} ($STAC_OPTIMIZER_015)")
-  if not smoke:
-    if jax.devices()[0].platform != "gpu":
-      out.append(f"a CUDA device for JAX (jax.devices() is {jax.devices()}; use --smoke on a CPU)")
-    if not torch.cuda.is_available():
-      out.append("a CUDA device for PyTorch (torch.cuda.is_available() is False)")
-  return out
-
-
-def versions() -> dict:
-  wanted = ("jax", "jaxlib", "optax", "flax", "chex", "numpy", "torch", "stac-optimizer", "matplotlib")
-  found = {}
-  for dist in importlib.metadata.distributions():
-    name = (dist.metadata["Name"] or "").lower()
-    if name in wanted or name.startswith(("jax-cuda", "jax_cuda", "nvidia-cuda-runtime", "nvidia-cudnn")):
-      found[name] = dist.version
-  for dist in importlib.metadata.distributions(path=[str(stac015_folder())]):
-    found[f"{dist.metadata['Name']} (in {stac015_folder()})"] = dist.version
-  return dict(sorted(found.items()))
-
-
-def environment(smoke: bool) -> dict:
-  import torch  # pylint: disable=import-outside-toplevel
-
-  info = common.environment()
-  device = jax.devices()[0]
-  info.update({"smoke": smoke, "jax_devices": [str(d) for d in jax.devices()], "versions": versions(),
-               "stac_optimizer_file": importlib.import_module("stac_optimizer").__file__,
-               "jax_memory_stats": device.memory_stats() if hasattr(device, "memory_stats") else None,
-               "xla_env": {k: v for k, v in os.environ.items() if k.startswith("XLA")},
-               "jax_environment": jax.print_environment_info(return_string=True)})
-  info["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
-                   "cuda_available": torch.cuda.is_available()}
-  if torch.cuda.is_available():
-    props = torch.cuda.get_device_properties(0)
-    info["torch"].update({"device": props.name, "total_memory": props.total_memory,
-                          "multiprocessors": props.multi_processor_count,
-                          "capability": f"{props.major}.{props.minor}"})
-  if shutil.which("nvidia-smi"):
-    done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                           "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=False)
-    info["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
-  return info
 
 
 def parity(run: Run, left: Callable[[], float], device: str, steps: int) -> None:
@@ -543,15 +473,16 @@ def check(args, sizes: dict, outdir: pathlib.Path) -> dict:
             "parts": {}, "lr": common.LR, "weight_decay": common.WD, "repeats": args.repeats,
             "environment": {}, "sizes": {}}
   run = Run(outdir, args.budget_s, args.parts, report)
-  absent = missing(args.smoke)
+  absent = machine.missing(args.smoke)
   if absent:
     report["error"] = "missing: " + "; ".join(absent)
     run.save()
-    sys.exit("gpu_check cannot run; missing: " + "; ".join(absent)
-             + ". Bring the wheels with `bash scripts/gpu_check.sh --prepare` (network) and carry .whl/.")
-  report["environment"] = environment(args.smoke)
+    sys.exit("gpu_check cannot run; missing: " + "; ".join(absent))
+  report["environment"] = machine.environment(args.smoke)
   run.save()
   print(f"JAX on {report['environment']['jax_devices']}; PyTorch on {args.torch_device}", flush=True)
+  for note in report["environment"]["below_minimums"]:
+    print(f"warning: {note}", flush=True)
   for part in args.parts:
     with run.part(part) as left:
       if part == "parity":

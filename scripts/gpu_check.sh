@@ -24,6 +24,7 @@ python="${PYTHON:-}"
 if [ -z "$python" ]; then
   if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
+export PIP_ROOT_USER_ACTION=ignore  # commands run as root on the device machine
 pip=("$python" -m pip --disable-pip-version-check)
 # stac-optimizer declares Python >= 3.13; it runs on 3.11 and 3.12.
 install=("${pip[@]}" install --quiet --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python)
