@@ -12,9 +12,10 @@
 # `bash scripts/gpu_check.sh --help` lists the options and what is measured.
 #
 # stac-optimizer 0.3.0 and 0.1.5 (both import as stac_optimizer) come from
-# .whl/ when it holds their wheels, installed with --no-index into folders of
-# their own under a temporary directory; otherwise from the environment
-# (0.3.0 importable, 0.1.5 in $STAC_OPTIMIZER_015 or .venv/stac-optimizer-0.1.5).
+# the environment where it has them (0.3.0 importable, 0.1.5 in
+# $STAC_OPTIMIZER_015 or .venv/stac-optimizer-0.1.5), else from the wheels in
+# .whl/, installed with --no-index into folders of their own under a
+# temporary directory; with neither it stops and says so.
 # Python: $PYTHON, else .venv/bin/python, else python3 (the device machine
 # has no virtual environment: its python3 holds JAX, PyTorch, optax, flax).
 set -euo pipefail
@@ -54,8 +55,13 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 case " $* " in *" -h "*|*" --help "*) help=1 ;; *) help=0 ;; esac
-if [ "$help" = 1 ]; then
-  :  # the options only
+export STAC_OPTIMIZER_015="${STAC_OPTIMIZER_015:-$root/.venv/stac-optimizer-0.1.5}"
+has_both() {  # the environment already holds 0.3.0, and 0.1.5 where $STAC_OPTIMIZER_015 says
+  [ -f "$STAC_OPTIMIZER_015/stac_optimizer/__init__.py" ] && "$python" -c \
+    "import importlib.metadata as m, sys; sys.exit(m.version('stac-optimizer') != '0.3.0')" 2>/dev/null
+}
+if [ "$help" = 1 ] || has_both; then
+  :
 elif [ -n "$(wheel 0.3.0)" ] && [ -n "$(wheel 0.1.5)" ]; then
   site="$(mktemp -d)"
   trap 'rm -rf "$site"' EXIT
@@ -63,13 +69,10 @@ elif [ -n "$(wheel 0.3.0)" ] && [ -n "$(wheel 0.1.5)" ]; then
   export PYTHONPATH="$site/stac030${PYTHONPATH:+:$PYTHONPATH}"
   export STAC_OPTIMIZER_015="$site/stac015"
 else
-  export STAC_OPTIMIZER_015="${STAC_OPTIMIZER_015:-$root/.venv/stac-optimizer-0.1.5}"
-  if ! "$python" -c "import stac_optimizer" 2>/dev/null || [ ! -f "$STAC_OPTIMIZER_015/stac_optimizer/__init__.py" ]; then
-    echo "gpu_check: stac-optimizer is absent: need 0.3.0 importable by $python and 0.1.5 in" \
-      "$STAC_OPTIMIZER_015, or both wheels in $wheels. Run \`bash scripts/gpu_check.sh --prepare\`" \
-      "where pip reaches PyPI, and carry .whl to the device machine." >&2
-    exit 2
-  fi
+  echo "gpu_check: stac-optimizer is absent: need 0.3.0 importable by $python and 0.1.5 in" \
+    "$STAC_OPTIMIZER_015, or both wheels in $wheels. Run \`bash scripts/gpu_check.sh --prepare\`" \
+    "where pip reaches PyPI, and carry .whl to the device machine." >&2
+  exit 2
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
