@@ -126,7 +126,7 @@ class Run:
     """Runs a part; an exception is recorded in the JSON and the next part goes on."""
     entry = self.report["parts"].setdefault(name, {})
     entry["status"] = "running"
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     print(f"== {name} (at {began - self.start:.0f} s of {self.end - self.start:.0f})", flush=True)
     try:
       deadline = self.deadline(name)
@@ -138,6 +138,7 @@ class Run:
       print(entry["error"], flush=True)
     finally:
       entry["seconds"] = round(time.perf_counter() - began, 2)
+      entry["cpu_seconds"] = round(time.process_time() - cpu, 2)
       free_memory()
       self.save()
 
