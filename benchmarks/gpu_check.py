@@ -1,8 +1,8 @@
 """One prepared GPU check: parity with stac-optimizer, step speed and memory, in one process.
 
-Run it through its wrapper, which brings stac-optimizer 0.3.0 and 0.1.5
-(wheels in .whl/, installed with --no-index into a temporary folder) and
-sets JAX's memory options before JAX starts:
+Run it through its wrapper, which brings stac-optimizer 0.3.0 and 0.1.5 (from
+the environment, else from the wheels in .whl/, installed with --no-index into
+a temporary folder) and sets JAX's memory options before JAX starts:
 
     bash scripts/gpu_check.sh --prepare          # here, with network: fetch the wheels into .whl/
     bash scripts/gpu_check.sh OUTDIR             # on the CUDA machine (built to end within 8 minutes)
@@ -27,8 +27,9 @@ nothing new starts after that; one compile already begun may run over):
   13M, 100M, 1B  StateMemoryNet shapes; leaves: a transformer of 517 small
                leaves. On each, the jitted donated step (update and
                apply_updates) of STAC default (guarded), STAC without its
-               guard (common.stac_unguarded), optax.adamw, apply_if_finite(optax.adamw) and
-               optax.lion, and PyTorch's STAC 0.3.0 (default, foreach) and
+               guard (common.stac_unguarded), optax.adamw,
+               apply_if_finite(optax.adamw) and optax.lion, and PyTorch's
+               STAC 0.3.0 (default, foreach) and
                fused AdamW, timed in turns (as many as fit in memory together;
                at 1B one or two at a time): median per step, the bytes the
                update rules must move as a fraction of the copy bandwidth,
