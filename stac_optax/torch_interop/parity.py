@@ -235,6 +235,11 @@ def check_parity(
   differs; and, in a second run, both frameworks stepping with their own
   gradients.
 
+  The PyTorch model may sit on any device (a CUDA GPU, say): the shared
+  gradients and batches are put on its device, and the Flax side runs on
+  JAX's default device, so that both implementations can be compared on
+  the same GPU.
+
   Args:
     torch_module: the PyTorch model.
     target: the Flax model (NNX module), linen variables or params tree.
@@ -292,6 +297,7 @@ def check_parity(
   layout = {"stacked_modules": stacked_modules, "module_order": module_order}
   how = {"name_map": name_map, "match": match, "converters": converters, **layout}
   module = copy.deepcopy(torch_module)
+  device = next((p.device for p in module.parameters()), "cpu")
   matches = match_parameters(module, target, **how)
   params = params_from_torch(module, target, **how)
   trainable = trainable_from_torch(module, matches)
@@ -334,13 +340,13 @@ def check_parity(
     loss = torch_loss(mod, b)
     loss.backward()
     return float(loss.detach()), {
-        n: (p.grad.detach().float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+        n: (p.grad.detach().float().cpu().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
         for n, p in mod.named_parameters()
     }
 
   if batches is not None:
     grad_fn = _flax_grad_fn(target, flax_loss)
-    torch_batches = [jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)), b) for b in batches]
+    torch_batches = [jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)).to(device), b) for b in batches]
     flax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
     initial_module, initial_params = copy.deepcopy(module), params
 
@@ -372,7 +378,7 @@ def check_parity(
         if differ.any():
           flip_max = max(flip_max, float(np.abs(want[differ]).max()))
     for name, p in module.named_parameters():
-      p.grad = torch.from_numpy(grads_np[name].copy()).to(p.dtype) if p.requires_grad else None
+      p.grad = torch.from_numpy(grads_np[name].copy()).to(p.device, p.dtype) if p.requires_grad else None
     optimizer.step()
     grads = _tree_from_values(
         params, stack({m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches}, matches)
