@@ -1,7 +1,8 @@
 """The README's Python examples run as written, train visibly, and print what the README shows.
 
-README.pypi.md (the package index's description) and README.ko.md show the same code, checked
-here to be the README's own blocks, so that running README.md's blocks runs theirs.
+README.pypi.md (the package index's description), README.ko.md and the documentation site's
+front page show the same code, checked here to be the README's own blocks, so that running
+README.md's blocks runs theirs.
 """
 
 import contextlib
@@ -70,7 +71,7 @@ def test_readme_example_runs_as_written_and_trains_visibly(index):
     assert all(line in printed for line in partitions), (shown, printed)
 
 
-@pytest.mark.parametrize("other", ["README.pypi.md", "README.ko.md"])
+@pytest.mark.parametrize("other", ["README.pypi.md", "README.ko.md", "docs/index.md"])
 def test_the_other_readmes_show_the_readmes_own_code(other):
   blocks = python_blocks((ROOT / other).read_text())
   assert blocks, f"{other} shows the quickstart"
