@@ -46,7 +46,6 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
-autodoc_default_options = {"members": False}
 always_document_param_types = True
 typehints_use_signature = False
 typehints_use_signature_return = False

@@ -28,6 +28,22 @@ def public_names():
   return names
 
 
+def public_members(names):
+  """The documented methods and properties of the public classes among ``names``."""
+  members = []
+  for name in names:
+    module, _, attr = name.rpartition(".")
+    obj = getattr(sys.modules[module], attr)
+    if not inspect.isclass(obj):
+      continue
+    for member_name, member in vars(obj).items():
+      routine = inspect.isfunction(member) or isinstance(member, (property, classmethod,
+                                                                  staticmethod))
+      if routine and not member_name.startswith("_") and inspect.getdoc(member):
+        members.append(f"{name}.{member_name}")
+  return members
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
   out = tmp_path_factory.mktemp("docs") / "html"
@@ -46,6 +62,10 @@ def test_the_site_documents_every_public_name(site):
     documented |= set(re.findall(r'<dt class="sig sig-object py" id="([^"]+)"', page.read_text()))
   missing = [name for name in public_names() if name not in documented]
   assert not missing, f"not in the API reference (add them to a page in docs/api/): {missing}"
+  members = public_members(public_names())
+  assert "stac_optax.STACPartition.labels" in members
+  missing = [name for name in members if name not in documented]
+  assert not missing, f"methods not rendered (give their class :members: in docs/api/): {missing}"
 
 
 def test_every_guide_is_a_page_of_the_site(site):
