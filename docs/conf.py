@@ -79,6 +79,15 @@ typehints_formatter = _alias_name
 # the formatter is a function, which Sphinx cannot pickle: it re-reads every page each build
 suppress_warnings = ["config.cache"]
 
+# Every reference must resolve, so that a renamed or removed name fails the build; the
+# libraries this site does not link to (no intersphinx: it builds offline) are exempt.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(typing|collections\.abc|builtins|types|numpy|np|jax|jnp|optax|flax|nnx|chex"
+               r"|orbax|ocp|torch|equinox|eqx)(\..*)?"),
+    (r"py:.*", r"Ellipsis|NoneType"),  # tuple[int, ...], X | None
+]
+
 html_theme = "furo"
 html_title = f"stac_optax {version}"
 html_static_path = []

@@ -44,14 +44,19 @@ def public_members(names):
   return members
 
 
+def build(source, out):
+  """The command of scripts/docs.sh (warnings are errors), with the site's configuration."""
+  return subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "-c", str(DOCS),
+       str(source), str(out)],
+      capture_output=True, text=True, cwd=ROOT, check=False,
+  )
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
   out = tmp_path_factory.mktemp("docs") / "html"
-  # the same command as scripts/docs.sh: warnings are errors
-  done = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", str(DOCS), str(out)],
-      capture_output=True, text=True, cwd=ROOT, check=False,
-  )
+  done = build(DOCS, out)
   assert done.returncode == 0, done.stdout + done.stderr
   return out
 
@@ -79,3 +84,16 @@ def test_the_stac_page_renders_its_docstring_maths_and_example(site):
   assert 'id="stac_optax.stac"' in page
   assert "math notranslate" in page  # the update rule's .. math:: block
   assert "&gt;&gt;&gt; " in page  # the doctest example, as code
+
+
+def test_a_broken_reference_fails_the_build(tmp_path):
+  source = tmp_path / "src"
+  source.mkdir()
+  (source / "index.md").write_text(
+      "# Page\n\n```{py:function} stac_optax.documented()\n```\n\n"
+      "{func}`stac_optax.documented` is documented here; "
+      "{func}`stac_optax.no_such_function` is not.\n")
+  done = build(source, tmp_path / "html")
+  assert done.returncode != 0
+  assert "reference target not found: stac_optax.no_such_function" in done.stderr, done.stderr
+  assert done.stderr.count("WARNING") == 1, done.stderr

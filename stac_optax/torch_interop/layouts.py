@@ -125,7 +125,7 @@ class ParameterMatch:
 
   def to_torch(self, value: Any) -> np.ndarray:
     """A Flax-layout array as the PyTorch block it came from (numpy); the
-    whole parameter unless ``rows`` is set (see :func:`assemble`)."""
+    whole parameter unless ``rows`` is set (see ``assemble`` in this module)."""
     value = np.asarray(jax.device_get(value), dtype=np.float32)
     if self.layout == "transpose":
       return value.T
