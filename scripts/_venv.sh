@@ -1,5 +1,5 @@
-# Sourced by scripts/demo.sh and scripts/test.sh: makes (or reuses) .venv in
-# the repository with what the given extra needs, then activates it.
+# Sourced by scripts/demo.sh, scripts/test.sh and scripts/docs.sh: makes (or
+# reuses) .venv in the repository with what the given extra needs, then activates it.
 # Usage: source scripts/_venv.sh [extra]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -230,32 +230,37 @@ class STACPartition:
 
   @property
   def sign_modules(self) -> tuple[ModuleGroup, ...]:
-    """The trunk: counted modules before the cap."""
+    """The trunk's counted modules, those before the cap."""
     return self.modules[: self._split]
 
   @property
   def adamw_modules(self) -> tuple[ModuleGroup, ...]:
-    """The cap: the last ``resolved_last_n_modules`` counted modules."""
+    """The cap's counted modules, the last ``resolved_last_n_modules`` of them."""
     return self.modules[self._split :]
 
   @property
   def sign_module_names(self) -> tuple[str, ...]:
+    """The trunk's module paths, in registration order."""
     return tuple(m.name for m in self.sign_modules)
 
   @property
   def adamw_module_names(self) -> tuple[str, ...]:
+    """The cap's module paths, in registration order."""
     return tuple(m.name for m in self.adamw_modules)
 
   @property
   def sign_parameter_names(self) -> tuple[str, ...]:
+    """The trunk's parameter paths (``blocks/0/fc1/kernel``), module by module."""
     return tuple(p for m in self.sign_modules for p in m.parameter_names)
 
   @property
   def adamw_parameter_names(self) -> tuple[str, ...]:
+    """The cap's parameter paths, module by module."""
     return tuple(p for m in self.adamw_modules for p in m.parameter_names)
 
   @property
   def trainable_module_count(self) -> int:
+    """How many modules are counted (trunk and cap)."""
     return len(self.modules)
 
   @property
@@ -334,7 +339,7 @@ class STACPartition:
   @functools.cached_property
   def _label_of(self) -> dict[str, Any]:
     """Array name (as trees show it) -> label; a split array's label is a
-    :class:`~stac_optax.stacked.LayerSplit` of two labels."""
+    ``LayerSplit`` of two labels."""
     table: dict[str, Any] = {
         name: stacked_lib.LayerSplit(SIGN, ADAMW) if isinstance(plan, tuple) else plan
         for name, plan in self._plan.items()
@@ -527,7 +532,7 @@ class STACPartition:
 
   def split(self, tree: Any) -> Any:
     """``tree`` with each stacked array that the cap boundary cuts replaced
-    by a :class:`~stac_optax.stacked.LayerSplit` holding it twice, once for
+    by a ``LayerSplit`` holding it twice, once for
     the trunk (``optax.partition`` label ``sign``) and once for the cap
     (``adamw``).
 
@@ -962,7 +967,7 @@ def partition_modules(
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
       level in sorted order, which a fresh model gives rarely by chance); see
-      :func:`stac_optax.order_checks.check_tree_order`. Also when the sub-modules
+      ``stac_optax.order_checks.check_tree_order``. Also when the sub-modules
       of a stacked module come from a dict in sorted order (``nn.scan``
       returns them so) and ``module_order`` does not give their order.
 

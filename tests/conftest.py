@@ -42,6 +42,8 @@ SLOW_FILES = (
     "test_hardening.py",
     "test_checkpoint.py",
     "test_equinox.py",
+    "test_packaging.py",
+    "test_docs.py",
     "test_readme.py",
     "test_multiprocess.py",
     "test_torch_interop.py",

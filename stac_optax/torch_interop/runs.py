@@ -798,7 +798,7 @@ def to_torch(
     ValueError: parameters that do not match, partitions that differ, a
       state PyTorch cannot continue (a trunk momentum buffer), or moments of
       other shapes.
-    TypeError: ``opt_state`` is not a :class:`STACState`.
+    TypeError: ``opt_state`` is not a :class:`~stac_optax.STACState`.
   """
   torch = _torch()
   if not isinstance(opt_state, STACState):
