@@ -11,8 +11,10 @@ params and the state donated, as XLA's buffer assignment gives it:
 of ``jax.jit(step, donate_argnums=(0, 1)).lower(...).compile().memory_analysis()``
 (the donated params and state are written in place, so they count once). The
 steps are compiled, not run: the figures are exact for the compiler used, and
-need no memory of the model's size. On a GPU one step also runs and its
-measured peak (``peak_bytes_in_use``) is recorded.
+need no memory of the model's size. Where the device can reset its peak
+memory statistics, one step also runs and its measured peak
+(``peak_bytes_in_use``) is recorded (``benchmarks/gpu_check.py`` measures
+the peak on a GPU whose statistics cannot be reset).
 
 The models: StateMemoryNet (SPEC section 3; batch 256); a plain MLP of 16
 Dense layers with ReLU and a squared loss, batch 8, at three widths (6.3M,

@@ -1,7 +1,7 @@
 """Keeping a STAC run: its partition beside the state, and checked restores.
 
 Orbax restores a checkpoint into whatever template it is given, also one made
-for another partition, without complaint. :func:`validate_state` reads the
+for another partition, without complaint. :func:`~stac_optax.validate_state` reads the
 state as it was saved (a :class:`stac_optax.STACState`, or the plain nested
 dicts Orbax returns without a template) and refuses one whose cap, parameter
 names, shapes or trunk state do not fit the partition, naming the mismatch.
@@ -244,7 +244,7 @@ def save_args(tree: Any, partition: STACPartition) -> Any:
 
   For ``ocp.CheckpointManager``: ``manager.save(step, args=save_args(tree,
   partition))`` writes the items ``state`` (``ocp.args.StandardSave``) and
-  ``stac_partition`` (``ocp.args.JsonSave`` of :meth:`STACPartition.to_dict`).
+  ``stac_partition`` (``ocp.args.JsonSave`` of :meth:`stac_optax.STACPartition.to_dict`).
   :func:`restore` and :func:`load_partition` read a step directory written
   this way.
 
@@ -354,7 +354,7 @@ def restore(
   """Restores an Orbax checkpoint after checking its STAC state.
 
   The checkpoint is read once as saved, its optimizer state (at
-  ``state_key``) is checked with :func:`validate_state`, and it is then
+  ``state_key``) is checked with :func:`~stac_optax.validate_state`, and it is then
   restored into ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays,
   e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
 
@@ -383,8 +383,8 @@ def restore(
       restored with a warning that the trunk could not be checked.
     checkpointer: an ``orbax.checkpoint`` checkpointer for a plain Orbax
       checkpoint; default ``StandardCheckpointer()``.
-    sign_momentum: as for :func:`validate_state`.
-    **partition_kwargs: as for :func:`validate_state`.
+    sign_momentum: as for :func:`~stac_optax.validate_state`.
+    **partition_kwargs: as for :func:`~stac_optax.validate_state`.
 
   Returns:
     The restored tree, shaped like ``abstract``.
