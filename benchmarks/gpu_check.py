@@ -27,7 +27,7 @@ nothing new starts after that; one compile already begun may run over):
   13M, 100M, 1B  StateMemoryNet shapes; leaves: a transformer of 517 small
                leaves. On each, the jitted donated step (update and
                apply_updates) of STAC default (guarded), STAC without its
-               guard (common.stac_unguarded), optax.adamw,
+               guard (stac(..., skip_nonfinite=False)), optax.adamw,
                apply_if_finite(optax.adamw) and optax.lion, and PyTorch's
                STAC 0.3.0 (default, foreach) and
                fused AdamW, timed in turns (as many as fit in memory together;

@@ -32,14 +32,32 @@ def research(report):
 
 
 def memory(report):
-  lines = [f"StateMemoryNet, {report['parameters']:,} parameters ({report['parameter_mib']:.3f} MiB), "
-           f"batch {report['batch']}; {report['environment']['device_kind']}.\n",
-           "| optimizer | state MiB | vs AdamW | XLA argument MiB | XLA output MiB | XLA temp MiB | peak step MiB |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for name, r in report["optimizers"].items():
-    peak = "-" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.1f}"
-    lines.append(f"| {name} | {r['state_mib']:.3f} | {r['state_vs_adamw']:.3f} | {r['xla_argument_mib']:.1f} | "
-                 f"{r['xla_output_mib']:.1f} | {r['xla_temp_mib']:.3f} | {peak} |")
+  env = report["environment"]
+  models = report["models"]
+  names = list(next(iter(models.values()))["optimizers"])
+  lines = [f"{env['device_kind']}, JAX {env['jax']}, optax {env['optax']}. Peak of a whole train step "
+           "(forward, backward, update; params and state donated), from XLA's buffer assignment "
+           "(arguments + outputs + temporaries - aliased), in bytes per parameter and against "
+           "AdamW's:\n",
+           "| optimizer | " + " | ".join(label if label.endswith("M") else f"{label} ({m['parameters'] / 1e6:.1f}M)"
+                                        for label, m in models.items()) + " |",
+           "| --- |" + " ---: |" * len(models)]
+  for name in names:
+    cells = [f"{m['optimizers'][name]['peak_bytes_per_parameter']:.2f} B ({m['optimizers'][name]['peak_vs_adamw']:.2f}x)"
+             for m in models.values()]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  for label, m in models.items():
+    lines += ["", f"**{label}**: {m['parameters']:,} parameters ({m['parameter_mib']:.3f} MiB), batch "
+              f"{' and '.join('x'.join(map(str, b)) for b in m['batch'])}"
+              + (f", stacked {m['stacked_modules']}" if m.get("stacked_modules") else "") + ".\n",
+              "| optimizer | state MiB | state vs AdamW | peak MiB | peak B/param | peak vs AdamW "
+              "| XLA temp MiB | measured peak MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in m["optimizers"].items():
+      measured = r.get("measured_peak_bytes")
+      lines.append(f"| {name} | {r['state_mib']:.3f} | {r['state_vs_adamw']:.3f} | {r['peak_mib']:.1f} | "
+                   f"{r['peak_bytes_per_parameter']:.2f} | {r['peak_vs_adamw']:.3f} | "
+                   f"{r['temp_bytes'] / 2**20:.1f} | {'-' if measured is None else f'{measured / 2**20:.1f}'} |")
   return "\n".join(lines)
 
 

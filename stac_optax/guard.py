@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stac_optax import _tree, held_signs
 from stac_optax import partition as partition_lib
+from stac_optax import stacked as stacked_lib
 from stac_optax.partition import ADAMW, SIGN, STACPartition
 
 _SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
@@ -55,7 +57,7 @@ class NonFiniteGradientError(RuntimeError):
   """A gradient held NaN or Inf and ``error_if_nonfinite=True`` was set."""
 
 
-def _nonfinite_sum(x: jax.Array) -> jax.Array:
+def _nonfinite_sum(x: jax.Array | held_signs.HeldSigns) -> jax.Array:
   """``0`` if every element of ``x`` is finite, else NaN (a float32 scalar).
 
   ``x - x`` is ``+0`` for a finite element and NaN for NaN or ±Inf, and a sum
@@ -64,8 +66,11 @@ def _nonfinite_sum(x: jax.Array) -> jax.Array:
   devices, and it cannot overflow. (A ``max`` of ``|x|`` need not propagate
   NaN across devices; an and-reduction of ``isfinite`` costs XLA:CPU three
   times more; ``x * 0`` makes XLA:CPU materialise a broadcast zero the size
-  of the largest leaf.)
+  of the largest leaf.) Of :class:`~stac_optax.held_signs.HeldSigns`, the
+  flag their codes carry.
   """
+  if isinstance(x, held_signs.HeldSigns):
+    return held_signs.nonfinite_flag(x)
   total = jnp.sum(x - x)
   if jnp.iscomplexobj(total):
     total = total.real + total.imag
@@ -149,6 +154,8 @@ def guard_nonfinite(
     *,
     maximize: bool,
     error_if_nonfinite: bool,
+    skip_nonfinite: bool = True,
+    trunk_reads_signs: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``inner`` behind the non-finite guard, negating the gradients for ``maximize``.
 
@@ -161,31 +168,50 @@ def guard_nonfinite(
   instead: eagerly before anything is computed, under ``jax.jit`` from a host
   callback that only runs on a bad step.
 
+  The guard has a price in memory: no parameter may be written before every
+  gradient is known to be finite, so under ``jax.jit`` XLA keeps what the
+  updates are computed from alive until then, where an unguarded step
+  consumes each gradient as backpropagation produces it. With
+  ``trunk_reads_signs`` the guard keeps, of each trunk gradient, only its
+  signs, half a byte per element (:mod:`stac_optax.held_signs`), and reads
+  the trunk's finiteness from them; the cap's gradients, and those of
+  stacked arrays that the cap boundary cuts, are kept whole.
+  ``skip_nonfinite=False`` removes the guard: :func:`unguarded`.
+
   Args:
     inner: the partitioned trunk, cap and frozen transformations; its
       ``update`` takes the extra argument ``skip_step``.
     partition: the partition whose labels say which leaves are trainable.
     maximize: negate the gradients before ``inner`` sees them.
     error_if_nonfinite: raise instead of skipping.
+    skip_nonfinite: ``False`` returns :func:`unguarded` instead.
+    trunk_reads_signs: the trunk's updates depend on the signs of its
+      gradients alone (a trunk without momentum), so ``inner`` may be given
+      the signs instead of the gradients.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`STACState`.
-  """
 
-  def init_fn(params):
-    return STACState(
-        inner_state=inner.init(params),
-        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
-    )
+  Raises:
+    ValueError: ``error_if_nonfinite`` with ``skip_nonfinite=False``.
+  """
+  if not skip_nonfinite:
+    if error_if_nonfinite:
+      raise ValueError(
+          "error_if_nonfinite=True needs the non-finite check, which "
+          "skip_nonfinite=False removes. Keep skip_nonfinite=True (the default) to "
+          "raise on a non-finite gradient, or set error_if_nonfinite=False to let "
+          "non-finite gradients reach the update, as optax.adamw does."
+      )
+    return unguarded(inner, maximize=maximize)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if "skip_step" in extra_args:
-      raise TypeError(
-          "stac's update decides skip_step itself, from the gradients; do not pass "
-          "skip_step to it (a step of non-finite gradients is skipped already)."
-      )
+    _refuse_skip_step(extra_args)
     _refuse_sparse(updates)
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    updates, held = _held_trunk_signs(updates, partition) if trunk_reads_signs else (updates, {})
     labels = jax.tree.leaves(partition.labels(updates))
     named = partition_lib.leaves_with_names(updates)
     checked, positions, names = [], {SIGN: [], ADAMW: []}, {SIGN: [], ADAMW: []}
@@ -193,7 +219,7 @@ def guard_nonfinite(
       if label in positions:
         positions[label].append(len(checked))
         names[label].append(name)
-        checked.append(partition_lib._unbox(leaf))  # pylint: disable=protected-access
+        checked.append(held[name] if name in held else _tree.unbox(leaf))
     ok = leaf_is_finite(checked)
     finite = jnp.all(ok)
 
@@ -207,8 +233,6 @@ def guard_nonfinite(
       else:
         report(ok)
 
-    if maximize:
-      updates = jax.tree.map(jnp.negative, updates)
     new_updates, new_inner = inner.update(
         updates, state.inner_state, params, skip_step=jnp.logical_not(finite), **extra_args
     )
@@ -216,7 +240,91 @@ def guard_nonfinite(
     skipped = state.nonfinite_skipped_steps + jnp.logical_not(finite).astype(jnp.int32)
     return new_updates, STACState(inner_state=new_inner, nonfinite_skipped_steps=skipped)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_init_with(inner), update_fn)
+
+
+def _held_trunk_signs(
+    updates: Any, partition: STACPartition
+) -> tuple[Any, dict[str, held_signs.HeldSigns]]:
+  """``updates`` with each trunk gradient replaced by its signs, read back
+  from :func:`~stac_optax.held_signs.hold_signs`, and the held signs by path
+  name.
+
+  Only under tracing (eagerly every gradient exists already), only arrays of
+  at least :data:`~stac_optax.held_signs.MIN_HELD_SIZE` elements, and not
+  the trunk side of a stacked array that the cap boundary cuts: its cap side
+  keeps the whole gradient alive anyway.
+  """
+  held = {}
+
+  def one(path, label, leaf):
+    value = _tree.unbox(leaf)
+    cut = path and isinstance(path[-1], stacked_lib.SplitKey)
+    signs = None
+    if label == SIGN and not cut and _tree.is_traced(value):
+      signs = held_signs.hold_signs(value, held_signs.MIN_HELD_SIZE)
+    if signs is None:
+      return leaf
+    held[_tree.path_name(path)] = signs
+    return jax.tree.map(lambda _: held_signs.read_signs(signs), leaf)
+
+  labels = partition.labels(updates)
+  return jax.tree_util.tree_map_with_path(one, labels, updates), held
+
+
+def unguarded(
+    inner: optax.GradientTransformationExtraArgs, *, maximize: bool
+) -> optax.GradientTransformationExtraArgs:
+  """``inner`` without the non-finite guard, negating the gradients for ``maximize``.
+
+  No check and no selection: a non-finite gradient flows into the update,
+  as with :func:`optax.adamw`, and under ``jax.jit`` XLA may consume each
+  gradient as backpropagation produces it. The state is a
+  :class:`STACState` like the guarded one's, its
+  ``nonfinite_skipped_steps`` staying ``0``, so that a checkpoint,
+  :func:`stac_optax.validate_state` and ``torch_interop`` take the state of
+  either form. Sparse gradients and a ``skip_step`` argument are refused as
+  by the guard.
+
+  Args:
+    inner: the partitioned trunk, cap and frozen transformations.
+    maximize: negate the gradients before ``inner`` sees them.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`STACState`.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _refuse_skip_step(extra_args)
+    _refuse_sparse(updates)
+    if maximize:
+      updates = jax.tree.map(jnp.negative, updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    return new_updates, state._replace(inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(_init_with(inner), update_fn)
+
+
+def _init_with(inner: optax.GradientTransformation):
+  """The ``init`` of both forms: ``inner``'s state and a skip counter at 0."""
+
+  def init_fn(params):
+    return STACState(
+        inner_state=inner.init(params),
+        nonfinite_skipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+  return init_fn
+
+
+def _refuse_skip_step(extra_args: dict[str, Any]) -> None:
+  if "skip_step" in extra_args:
+    raise TypeError(
+        "stac's update decides skip_step itself, from the gradients; do not pass "
+        "skip_step to it (a step of non-finite gradients is skipped already; with "
+        "skip_nonfinite=False, nothing is skipped: check the gradients outside it)."
+    )
 
 
 def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:

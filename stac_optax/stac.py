@@ -268,6 +268,7 @@ def stac(
     amsgrad: bool = False,
     maximize: bool = False,
     error_if_nonfinite: bool = False,
+    skip_nonfinite: bool = True,
     sign_momentum: chex.Numeric | None = None,
     sign_state_dtype: Any | None = None,
     trainable: Any | None = None,
@@ -298,7 +299,12 @@ def stac(
 
   If any trainable gradient holds NaN or Inf, the whole step is skipped: no
   parameter, moment or counter changes, and ``nonfinite_skipped_steps``
-  grows. With ``error_if_nonfinite=True`` the step raises instead.
+  grows. With ``error_if_nonfinite=True`` the step raises instead. With
+  ``skip_nonfinite=False`` nothing is checked: a non-finite gradient flows
+  into the update, as with :func:`optax.adamw`, and a jitted train step
+  needs less memory (until it knows that every gradient is finite, the
+  guard keeps the cap's gradients and the trunk's signs alive; see
+  ``docs/optimizer.md``).
 
   Args:
     model_or_params: a builder (a zero-argument callable creating the model
@@ -331,6 +337,11 @@ def stac(
     error_if_nonfinite: raise :class:`NonFiniteGradientError` (eagerly) or a
       ``jax.errors.JaxRuntimeError`` carrying the same message (under
       ``jax.jit``, through a host callback) instead of skipping.
+    skip_nonfinite: ``True`` (default, as ``stac-optimizer``): skip a step
+      whose gradients hold NaN or Inf. ``False``: no check, no skip, for a
+      lower peak memory of the train step; the state has the same structure
+      (its ``nonfinite_skipped_steps`` stays ``0``), so checkpoints move
+      between the two forms. Cannot be combined with ``error_if_nonfinite``.
     sign_momentum: EMA coefficient before the trunk's sign, in ``[0, 1)``;
       ``None`` (default) or ``0`` keeps the trunk state-free (``None`` is
       also left alone by ``optax.inject_hyperparams``, which would trace a
@@ -365,8 +376,9 @@ def stac(
     :class:`STACState`.
 
   Raises:
-    ValueError: a hyper-parameter out of range, conflicting ratio aliases, or
-      a tree with no trainable parameter (see :func:`partition_modules`).
+    ValueError: a hyper-parameter out of range, conflicting ratio aliases,
+      ``error_if_nonfinite`` with ``skip_nonfinite=False``, or a tree with no
+      trainable parameter (see :func:`partition_modules`).
     TypeError: a hyper-parameter of the wrong type.
 
   Example:
@@ -412,6 +424,7 @@ def stac(
       ("amsgrad", amsgrad),
       ("maximize", maximize),
       ("error_if_nonfinite", error_if_nonfinite),
+      ("skip_nonfinite", skip_nonfinite),
   ):
     _check_bool(name, value)
   sign_state_dtype = _check_float_dtype("sign_state_dtype", sign_state_dtype)
@@ -446,9 +459,11 @@ def stac(
       0.0 if sign_momentum is None else sign_momentum, sign_state_dtype, sign_update_dtype
   )
   moments = transforms.adam_moments(b1, b2, eps, mu_dtype, amsgrad)
+  trunk_reads_signs = sign_momentum is None or (
+      not partition_lib.is_traced(sign_momentum) and float(sign_momentum) == 0.0
+  )
   if partition.splits_layers:
-    if not (sign_momentum is None or (not partition_lib.is_traced(sign_momentum)
-                                      and float(sign_momentum) == 0.0)):
+    if not trunk_reads_signs:
       direction = _own_layers(direction, partition, SIGN)  # the buffer: trunk layers only
     moments = _own_layers(moments, partition, ADAMW)
   trunk = transforms.decayed_and_scaled(
@@ -463,6 +478,7 @@ def stac(
       partition.labels,
   )
   guarded = guard_nonfinite(
-      inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite
+      inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite,
+      skip_nonfinite=skip_nonfinite, trunk_reads_signs=trunk_reads_signs,
   )
   return _split_layers(guarded, partition) if partition.splits_layers else guarded

@@ -8,6 +8,7 @@ import math
 
 from benchmarks import common, memory, speed, stacked
 from benchmarks import compile as compile_benchmark
+from benchmarks import report as report_lib
 
 
 def _finite(x):
@@ -19,13 +20,22 @@ def test_memory_quick_json(tmp_path):
   memory.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "memory.png")])
   report = json.loads(out.read_text())
   assert report["benchmark"] == "memory" and report["environment"]["jax"]
-  names = set(common.optimizers(common.state_memory_net(width=64, d_in=32, d_out=4), guard_variants=True))
-  assert set(report["optimizers"]) == names
-  for r in report["optimizers"].values():
-    assert all(_finite(r[k]) for k in ("state_mib", "xla_argument_mib", "xla_output_mib", "xla_temp_mib"))
-  # arithmetic, not measurement: the state is the cap's two moments (+ scalar counters)
-  assert report["optimizers"]["STAC default"]["state_bytes"] < 0.1 * report["optimizers"]["AdamW baseline"]["state_bytes"]
+  assert set(report["models"]) == set(memory.models(quick=True))
+  for label, model in report["models"].items():
+    names = set(memory.optimizers(memory.models(quick=True)[label]["params"], model["stacked_modules"]))
+    assert set(model["optimizers"]) == names, label
+    for name, r in model["optimizers"].items():
+      assert all(_finite(r[k]) for k in ("state_mib", "peak_mib", "peak_bytes_per_parameter",
+                                         "peak_vs_adamw", "state_vs_adamw")), (label, name)
+      # the donated params and state are aliased: the peak holds them once
+      assert r["alias_bytes"] >= r["state_bytes"] and r["peak_bytes"] == (
+          r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]), (label, name)
+    rows = model["optimizers"]
+    # arithmetic, not measurement: the state is the cap's two moments (+ scalar counters)
+    assert rows["STAC default"]["state_bytes"] < 0.3 * rows["AdamW baseline"]["state_bytes"], label
+    assert rows["STAC default, no guard"]["peak_bytes"] <= rows["STAC default"]["peak_bytes"], label
   assert (tmp_path / "memory.png").stat().st_size > 5_000
+  assert "| STAC default, no guard |" in report_lib.memory(report)
 
 
 def test_state_memory_net_figures_are_exact():

@@ -166,6 +166,9 @@ class ParityReport:
 
 _TORCH_ARG_NAMES = {"learning_rate": "lr"}
 _UNSUPPORTED_IN_TORCH = ("sign_momentum", "sign_state_dtype", "module_order", "mu_dtype")
+# JAX-side choices that do not change a step of finite gradients: the torch
+# optimizer keeps its own default
+_JAX_ONLY = ("skip_nonfinite",)
 
 
 def _torch_kwargs(stac_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,7 +177,8 @@ def _torch_kwargs(stac_kwargs: Mapping[str, Any]) -> dict[str, Any]:
   bad = [k for k in stac_kwargs if k in _UNSUPPORTED_IN_TORCH]
   if bad:
     raise ValueError(f"stac-optimizer 0.3.0 has no equivalent of {bad}; leave them out.")
-  kwargs = {_TORCH_ARG_NAMES.get(k, k): v for k, v in stac_kwargs.items() if k not in ("b1", "b2")}
+  kwargs = {_TORCH_ARG_NAMES.get(k, k): v for k, v in stac_kwargs.items()
+            if k not in ("b1", "b2", *_JAX_ONLY)}
   if "b1" in stac_kwargs or "b2" in stac_kwargs:
     kwargs["betas"] = (stac_kwargs.get("b1", 0.9), stac_kwargs.get("b2", 0.999))
   return kwargs
@@ -270,7 +274,9 @@ def check_parity(
       (``nn.scan`` sorts a block's sub-modules), as in
       :func:`stac_optax.stac`; PyTorch reads its own.
     **stac_kwargs: arguments of :func:`stac_optax.stac` (``learning_rate``,
-      ``weight_decay``, ...), translated for the torch optimizer.
+      ``weight_decay``, ...), translated for the torch optimizer;
+      ``skip_nonfinite`` applies to the JAX side only (the gradients
+      compared are finite).
 
   Returns:
     A :class:`ParityReport`; ``print`` it for a table.
