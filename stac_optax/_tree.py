@@ -100,6 +100,13 @@ def unbox(x: Any) -> Any:
   return x
 
 
+def unboxed(tree: Any) -> Any:
+  """``tree`` with each NNX variable and linen box replaced by its value
+  (``optimizer.opt_state`` of an ``nnx.Optimizer`` becomes the optax state
+  it wraps)."""
+  return jax.tree.map(unbox, tree, is_leaf=is_parameter_leaf)
+
+
 def leaves_with_names(tree: Any) -> list[tuple[str, Any]]:
   """``(path name, leaf)`` pairs of a tree, in ``jax.tree_util`` order."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_parameter_leaf)
