@@ -333,6 +333,19 @@ def parameter_tree(obj: Any) -> Any:
   return obj
 
 
+def parameters_only(tree: Any) -> Any:
+  """``tree`` without the NNX variables that are no parameter (an
+  ``nnx.State`` of a whole model holds ``BatchStat`` and RNG state beside
+  its ``nnx.Param`` variables); any other tree as it is."""
+  if not is_nnx_state(tree):
+    return tree
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  return nnx.filter_state(
+      tree, lambda _, x: parameter_role(x, None, in_nnx_module=False) is not None
+  )
+
+
 def describe_form(obj: Any) -> str:
   """The form of ``obj`` in words, for error messages."""
   if is_nnx_optimizer(obj):

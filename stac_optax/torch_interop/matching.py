@@ -40,6 +40,7 @@ from stac_optax._tree import (
     leaves_with_names,
     looks_like_linen_variables,
     parameter_tree,
+    parameters_only,
     path_name,
     refuse_optimizer_state,
     unbox,
@@ -166,13 +167,11 @@ def flax_params(target: Any) -> Any:
   if order_lib.is_builder(target):
     return _once("params", target, lambda: jax.eval_shape(lambda: flax_params(target())))
   refuse_optimizer_state(target, "target")
-  if is_nnx_module(target) or is_nnx_state(target):
+  if is_nnx_module(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    if is_nnx_state(target):
-      return target.filter(nnx.Param)
     return nnx.as_pure(nnx.state(target, nnx.Param))
-  return parameter_tree(target)
+  return parameters_only(parameter_tree(target))
 
 
 def flax_batch_stats(target: Any) -> Any | None:
@@ -188,7 +187,7 @@ def flax_batch_stats(target: Any) -> Any | None:
   if is_nnx_state(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    return target.filter(nnx.BatchStat)
+    return nnx.filter_state(target, nnx.BatchStat)
   if looks_like_linen_variables(target):
     return target.get("batch_stats")
   if is_train_state(target):
