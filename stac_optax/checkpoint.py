@@ -85,13 +85,13 @@ def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) 
   return problems
 
 
-def _compare_params(part: STACPartition, params: Any) -> list[str]:
+def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = False) -> list[str]:
   """Names and shapes of a params tree's trainable leaves against ``part``.
 
   ``params`` may be any form of the model's state (a params dict, an
   ``nnx.State`` of the whole model, its pure dict, as restored by Orbax);
   leaves that are no parameter there (batch statistics, RNG state) are not
-  reported as extra.
+  reported as extra, nor is anything of a ``whole_model`` state.
   """
   owner_of = dict(part.parameter_aliases)
   got = {owner_of.get(n, n): shape for n, shape in _names_and_shapes(params).items()}
@@ -111,7 +111,7 @@ def _compare_params(part: STACPartition, params: Any) -> list[str]:
         for n in names if n in got and n in shapes and got[n] != shapes[n]
     ]
     problems += reshaped[:4]
-  candidates = _parameter_names(params)
+  candidates = None if whole_model else _parameter_names(params)
   if candidates is not None:
     known = set(part.trainable_array_names + part.frozen_parameter_names)
     extra = sorted({owner_of.get(n, n) for n in candidates} - known)
@@ -239,11 +239,13 @@ def validate_state(
     partition's trunk but the state's cap; ...
   """
   part = _partition(model_or_params_or_partition, partition_kwargs)
-  problems: list[str] = []
-  for view in _stac_views(opt_state):
-    problems += _state_problems(view, part, sign_momentum)
+  problems = [p for view in _stac_views(opt_state) for p in _state_problems(view, part, sign_momentum)]
   if params is not None:
     problems += _compare_params(part, params)
+  _raise_problems(part, problems)
+
+
+def _raise_problems(part: STACPartition, problems: Sequence[str]) -> None:
   if problems:
     raise ValueError(
         f"the optimizer state does not fit this STAC partition ({part.summary}): "
@@ -280,16 +282,19 @@ def _at(tree: Any, keys: Sequence[Any]) -> Any:
   return tree
 
 
-def _params_in(tree: Any, params_key: str | Sequence[Any] | None) -> Any:
+def _params_in(tree: Any, params_key: str | Sequence[Any] | None) -> tuple[Any, bool]:
   """The params saved in ``tree`` at ``params_key``; by default ``'params'``,
-  or, where the tree has none, the ``'model'`` entry of the NNX recipe."""
+  or, where the tree has none, the ``'model'`` entry of the NNX recipe.
+  Also whether they are a model's whole state (a ``'model'`` entry: batch
+  statistics and RNG state beside the parameters)."""
   keys = _keys(params_key)
   if keys is None:
-    return None
+    return None, False
   found = _at(tree, keys)
   if found is None and params_key == DEFAULT_PARAMS_KEY:
-    found = _at(tree, [NNX_MODEL_KEY])
-  return found
+    keys = [NNX_MODEL_KEY]
+    found = _at(tree, keys)
+  return found, bool(keys) and keys[-1] == NNX_MODEL_KEY
 
 
 def _state_in(tree: Any, state_key: str | Sequence[Any] | None) -> Any:
@@ -314,8 +319,11 @@ def _check_tree(
   state = _state_in(tree, state_key)
   if sign_momentum is None:
     sign_momentum = _sign_momentum_of(state)
-  params = _params_in(tree, params_key)
-  validate_state(state, part, sign_momentum=sign_momentum, params=params)
+  params, whole_model = _params_in(tree, params_key)
+  problems = [p for view in _stac_views(state) for p in _state_problems(view, part, sign_momentum)]
+  if params is not None:
+    problems += _compare_params(part, params, whole_model=whole_model)
+  _raise_problems(part, problems)
   return params is not None
 
 
@@ -564,9 +572,9 @@ def _check_saved(path, saved, abstract, part, *, state_key, params_key, sign_mom
   checked_trunk = _check_tree(
       saved, part, state_key=state_key, params_key=params_key, sign_momentum=sign_momentum
   )
-  template_params = _params_in(abstract, params_key)
+  template_params, whole_model = _params_in(abstract, params_key)
   if template_params is not None:
-    problems = _compare_params(part, template_params)
+    problems = _compare_params(part, template_params, whole_model=whole_model)
     if problems:
       raise ValueError(
           f"the template to restore into does not fit the checkpoint's STAC "

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stac_optax import _tree
 from stac_optax import order as order_lib
 from stac_optax import stacked as stacked_lib
 from stac_optax._tree import (  # noqa: F401  (the helpers' old home, still imported here)
@@ -460,7 +461,7 @@ class STACPartition:
     names = [(path_name(path), unit) for path, unit in flat]
     unknown = [name for name, _ in names if name not in self._label_of]
     if unknown:
-      raise ValueError(self._unknown_message(unknown))
+      raise ValueError(self._unknown_message(unknown, tree))
     shapes = dict(self.parameter_shapes)
     reshaped, whole = [], []
     for name, unit in names:
@@ -567,12 +568,23 @@ class STACPartition:
 
     return jax.tree_util.tree_map_with_path(join, tree, is_leaf=stacked_lib.is_unit)
 
-  def _unknown_message(self, unknown: Sequence[str]) -> str:
+  def _unknown_message(self, unknown: Sequence[str], tree: Any = None) -> str:
     hint = ""
     if any(name.startswith("params/") for name in unknown):
       hint = (
           " The partition of a linen variables dict is relative to its "
           "'params' collection: give variables['params'] to the optimizer."
+      )
+    elif tree is not None and _tree.is_nnx_state(tree):
+      kinds = sorted({
+          type(leaf).__name__ for name, leaf in leaves_with_names(tree)
+          if name in set(unknown) and _tree.is_nnx_variable(leaf)
+      })
+      hint = (
+          f" The tree is an nnx.State holding {', '.join(kinds) or 'variables'} "
+          "beside the parameters (nnx.state(model) holds every variable): give "
+          "the state of what trains, nnx.state(model, wrt) with the wrt of "
+          "the optimizer (nnx.Param by default), or pass the same wrt to stac."
       )
     known = sorted(self._label_of)
     return (
