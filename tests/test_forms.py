@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from flax.nnx import filterlib
 from flax.training import train_state
 from jax.experimental import sparse
 
@@ -70,7 +71,18 @@ def split_of(part: stac_optax.STACPartition):
 
 
 def by_name(tree) -> dict[str, np.ndarray]:
-  return {name: np.asarray(_tree.unbox(leaf)) for name, leaf in _tree.leaves_with_names(tree)}
+  """Each leaf's value by name (a mutable array read out)."""
+  values = {name: _tree.unbox(leaf) for name, leaf in _tree.leaves_with_names(tree)}
+  return {name: np.asarray(v if isinstance(v, (jax.Array, np.ndarray)) else v[...])
+          for name, v in values.items()}
+
+
+def assert_same_by_name(got, want):
+  """Equal leaves under equal names, whatever the form of either tree."""
+  got, want = by_name(got), by_name(want)
+  assert got.keys() == want.keys()
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +413,177 @@ def test_saving_the_optimizer_state_alone_restores_and_warns_the_trunk_was_not_c
   with pytest.warns(UserWarning, match="trunk's parameter names and shapes could not be checked"):
     restored = checkpoint.restore(tmp_path / "c", tree)
   chex.assert_trees_all_equal(restored, tree)
+
+
+# --------------------------------------------------------------------------
+# NNX filters: wrt= is read exactly as nnx.state and nnx.Optimizer read it
+# --------------------------------------------------------------------------
+
+
+class Holder(nnx.Module):
+  """Parameters, a LoRA layer, batch statistics, a tagged parameter, and a
+  plain and a mutable array that only a filter selecting them trains."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.stem = nnx.Linear(3, 4, rngs=rngs)
+    self.scale = jnp.ones((4,))  # a plain jax.Array attribute
+    self.shift = jax.new_ref(jnp.zeros((4,)))  # a mutable array attribute
+    self.body = nnx.LoRALinear(4, 4, lora_rank=2, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+    self.temperature = nnx.Param(jnp.ones(()), tag="extra")
+
+
+def build_holder() -> Holder:
+  return Holder(nnx.Rngs(0))
+
+
+FILTERS = {
+    "nnx.Param": nnx.Param,
+    "a tuple of types": (nnx.LoRAParam, nnx.BatchStat),
+    "a list with a tag": [nnx.LoRAParam, "extra"],
+    "nnx.All and nnx.Not": nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head"))),
+    "nnx.Any": nnx.Any(nnx.PathContains("head"), nnx.LoRAParam),
+    "nnx.PathContains, not exact": nnx.PathContains("ea", exact=False),
+    "filterlib.PathIn": filterlib.PathIn(("head", "kernel"), ("stem", "bias")),
+    "nnx.OfType": nnx.OfType(nnx.LoRAParam),
+    "a (path, value) function of the path": lambda path, value: path[-1] == "kernel",
+    "a (path, value) function of the value": lambda path, value: not isinstance(value, nnx.Variable),
+    "a type that is no Variable": (nnx.Param, jax.Array),
+    "a tag string": "extra",
+    "...": ...,
+    "True": True,
+    "nnx.Everything()": nnx.Everything(),
+}
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_every_nnx_filter_form_trains_exactly_what_nnx_state_selects(name):
+  wrt = FILTERS[name]
+  model = build_holder()
+  part = stac_optax.partition_modules(model, wrt=wrt, last_n_modules=1)
+  selected = {n for n, _ in _tree.leaves_with_names(nnx.state(model, wrt))}
+  assert set(part.sign_parameter_names + part.adamw_parameter_names) == selected
+  assert stac_optax.partition_modules(build_holder, wrt=wrt, last_n_modules=1) == part  # a builder
+
+  optimizer = nnx.Optimizer(model, stac_optax.stac(model, 0.1, wrt=wrt, last_n_modules=1), wrt=wrt)
+  before = by_name(nnx.state(model))
+  optimizer.update(model, _map_named(lambda _, x: jnp.ones(np.shape(x), jnp.result_type(x)),
+                                     nnx.state(model, wrt)))
+  after = by_name(nnx.state(model))
+  assert {n for n in before if not np.array_equal(before[n], after[n])} == selected
+
+
+def test_plain_and_mutable_arrays_train_only_where_the_filter_selects_them():
+  model = build_holder()
+  default = stac_optax.partition_modules(model)
+  assert "scale" not in default.frozen_parameter_names + default.sign_parameter_names
+  assert nnx.state(model, nnx.Param).get("scale") is None  # nnx.Optimizer(wrt=nnx.Param) leaves it too
+  every = stac_optax.partition_modules(model, wrt=...)
+  assert every.module_names[0] == "<root>"  # the root owns scale, shift, temperature
+  assert every.modules[0].parameter_names == ("scale", "shift", "temperature")
+
+
+def test_a_flax_filter_function_is_not_read_as_a_trainable_callable():
+  model = build_holder()
+  kernels = stac_optax.partition_modules(model, wrt=lambda path, value: path[-1] == "kernel")
+  assert kernels.sign_parameter_names + kernels.adamw_parameter_names == (
+      "stem/kernel", "body/kernel", "head/kernel")
+  # trainable= keeps its own callable form: (path name, leaf)
+  by_text = stac_optax.partition_modules(model, trainable=lambda name, leaf: name.endswith("kernel"))
+  assert split_of(by_text)[0] == split_of(kernels)[0]
+
+
+@pytest.mark.parametrize(
+    "wrt, error, match",
+    [
+        (nnx.Nothing(), ValueError, r"wrt=Nothing\(\) matches none of the \d+ parameters"),
+        (False, ValueError, r"wrt=False matches none"),
+        ({"stem": {"kernel": True}}, TypeError,
+         r"wrt takes what nnx.Optimizer's wrt and nnx.state take: .* a tree of bools, use trainable="),
+        (5, TypeError, r"wrt takes what nnx.Optimizer's wrt .*; got 5"),
+    ],
+    ids=["Nothing", "False", "tree-of-bools", "number"],
+)
+def test_a_wrt_that_is_no_nnx_filter_or_selects_nothing_is_refused(wrt, error, match):
+  with pytest.raises(error, match=match):
+    stac_optax.partition_modules(build_holder(), wrt=wrt)
+
+
+# --------------------------------------------------------------------------
+# torch_interop: the Flax side in every model form
+# --------------------------------------------------------------------------
+
+
+def _torch_twin():
+  import torch  # pylint: disable=import-outside-toplevel
+
+  class TorchNet(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = torch.nn.Linear(3, 4)
+      self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+      self.norm = torch.nn.BatchNorm1d(4)
+      self.head = torch.nn.Linear(4, 2)
+
+  torch.manual_seed(0)
+  return TorchNet()
+
+
+def _torch_run(tm):
+  """A torch STAC after one step (and the torch module it trains)."""
+  import stac_optimizer  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  opt = stac_optimizer.STAC(tm, lr=1e-2, last_n_modules=CAP)
+  for i, p in enumerate(tm.parameters()):
+    p.grad = torch.full_like(p, 0.5 - i % 2)
+  opt.step()
+  return opt
+
+
+TARGET_FORMS = {
+    name: MODEL_FORMS[name]
+    for name in ("nnx.Module", "builder", "plain dict", "linen variables",
+                 "nnx.State + module_order", "TrainState")
+}
+
+
+@pytest.mark.parametrize("form", list(TARGET_FORMS))
+def test_torch_interop_takes_every_model_form(form, model):
+  from stac_optax import torch_interop  # pylint: disable=import-outside-toplevel
+
+  target, kwargs = TARGET_FORMS[form](model)
+  report = torch_interop.check_parity(_torch_twin(), target, steps=2, last_n_modules=CAP, **kwargs)
+  assert report.ok, str(report)
+
+  tm = _torch_twin()
+  tx, params, state = torch_interop.from_torch(tm, _torch_run(tm), target, **kwargs)
+  twin = _torch_twin()
+  _, want_params, want_state = torch_interop.from_torch(twin, _torch_run(twin), creation_dict(model))
+  assert_same_by_name(_tree.parameters_only(_tree.parameter_tree(params)), want_params)
+  assert_same_by_name(state, want_state)
+
+  twin = _torch_twin()
+  torch_interop.to_torch(params, state, twin, _torch_run(twin), target=target, **kwargs)
+  for name, p in twin.named_parameters():
+    np.testing.assert_array_equal(p.detach().numpy(), dict(tm.named_parameters())[name].detach().numpy())
+
+
+def test_to_torch_takes_an_nnx_optimizers_state_and_names_the_fix_for_its_nnx_state(model, reference):
+  from stac_optax import torch_interop  # pylint: disable=import-outside-toplevel
+
+  tm = _torch_twin()
+  _, params, state = torch_interop.from_torch(tm, _torch_run(tm), model)
+  flax_model = build()
+  nnx.update(flax_model, params)
+  optimizer = nnx.Optimizer(flax_model, stac_optax.stac(flax_model, 1e-2, last_n_modules=CAP), wrt=nnx.Param)
+  optimizer.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(state))
+  twin = _torch_twin()
+  torch_interop.to_torch(flax_model, optimizer.opt_state, twin, _torch_run(twin))
+  for name, p in twin.named_parameters():
+    np.testing.assert_array_equal(p.detach().numpy(), dict(tm.named_parameters())[name].detach().numpy())
+  with pytest.raises(TypeError, match=r"pass optimizer.opt_state, not nnx.state\(optimizer\)"):
+    torch_interop.to_torch(flax_model, nnx.state(optimizer), twin, _torch_run(twin))
+  with pytest.raises(TypeError, match=r"target is an nnx.Optimizer.*give the model itself"):
+    torch_interop.check_parity(_torch_twin(), optimizer)

@@ -158,8 +158,8 @@ def _per_layer_leaves(leaves: Mapping[str, Any], layers: Mapping[str, StackedLay
 
 
 def flax_params(target: Any) -> Any:
-  """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
-  arrays), the ``nnx.Param`` variables of an ``nnx.State``, a linen
+  """The params tree of a target: an NNX module's ``nnx.Param`` state, the
+  ``nnx.Param`` variables of an ``nnx.State`` (both as plain arrays), a linen
   variables dict's or a ``TrainState``'s ``params``, or the tree itself; for
   a builder (``lambda: Net(...)``), that of what it builds, as
   ``jax.ShapeDtypeStruct`` leaves (it is traced, not run). An
@@ -167,11 +167,12 @@ def flax_params(target: Any) -> Any:
   if order_lib.is_builder(target):
     return _once("params", target, lambda: jax.eval_shape(lambda: flax_params(target())))
   refuse_optimizer_state(target, "target")
-  if is_nnx_module(target):
+  if is_nnx_module(target) or is_nnx_state(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    return nnx.as_pure(nnx.state(target, nnx.Param))
-  return parameters_only(parameter_tree(target))
+    state = parameters_only(target) if is_nnx_state(target) else nnx.state(target, nnx.Param)
+    return nnx.as_pure(state)
+  return parameter_tree(target)
 
 
 def flax_batch_stats(target: Any) -> Any | None:
