@@ -573,13 +573,19 @@ def _check_saved(path, saved, abstract, part, *, state_key, params_key, sign_mom
       saved, part, state_key=state_key, params_key=params_key, sign_momentum=sign_momentum
   )
   template_params, whole_model = _params_in(abstract, params_key)
+  problems = [
+      p for view in state_lib.find(_state_in(abstract, state_key))
+      for p in _state_problems(view, part, _sign_momentum_of(_state_in(abstract, state_key)))
+  ]
   if template_params is not None:
-    problems = _compare_params(part, template_params, whole_model=whole_model)
-    if problems:
-      raise ValueError(
-          f"the template to restore into does not fit the checkpoint's STAC "
-          f"partition ({part.summary}): " + "; ".join(problems) + "."
-      )
+    problems += _compare_params(part, template_params, whole_model=whole_model)
+  if problems:
+    raise ValueError(
+        f"the template to restore into does not fit the checkpoint's STAC "
+        f"partition ({part.summary}): " + "; ".join(problems) + ". Build the "
+        "optimizer of the template from the saved partition: "
+        "stac_optax.stac(stac_optax.checkpoint.load_partition(path), ...)."
+    )
   if not checked_trunk and params_key is not None:
     warnings.warn(
         f"the checkpoint at {str(path)!r} holds no params at {params_key!r}: the "
