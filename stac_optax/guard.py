@@ -113,8 +113,8 @@ def _refuse_sparse(updates: Any) -> None:
     )
 
 
-def _raise_nonfinite(section: str, name: str) -> None:
-  raise NonFiniteGradientError(
+def _nonfinite_message(section: str, name: str) -> str:
+  return (
       f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
       f"first at {name!r}; no parameter or optimizer state was changed."
   )
@@ -128,13 +128,16 @@ def _raise_first_nonfinite(
   ``ok`` is the vector of :func:`leaf_is_finite` (on the host); ``sections``
   holds each section's positions in it and its leaves' path names, the trunk
   first, as the reference checks it. Called eagerly, and as the host
-  callback of a jitted step.
+  callback of a jitted step. It raises itself, so that under ``jax.jit``,
+  where JAX reports the callback's exception after the traceback of the
+  callback (``INTERNAL: CpuCallback error calling callback: Traceback
+  ...``), one frame of stac_optax stands between JAX's and the message.
   """
   ok = np.asarray(ok)
   for section, positions, names in sections:
     bad = np.flatnonzero(~ok[list(positions)])
     if bad.size:
-      _raise_nonfinite(section, names[int(bad[0])])
+      raise NonFiniteGradientError(_nonfinite_message(section, names[int(bad[0])]))
 
 
 def guard_nonfinite(
