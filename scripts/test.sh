@@ -4,6 +4,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 export STAC_OPTIMIZER_015="${STAC_OPTIMIZER_015:-$venv/stac-optimizer-0.1.5}"
 export STAC_TORCHVISION="${STAC_TORCHVISION:-$venv/torchvision-0.29.1}"
+STAC_FLAX_SOURCE="${STAC_FLAX_SOURCE:-$venv/flax-$(python -c 'import flax; print(flax.__version__)')-src}"
+export STAC_FLAX_SOURCE
 # Two workers, each file on one of them (module fixtures run once); the
 # development and CI machines have 2 cores. Files are handed out in collection
 # order, which tests/conftest.py starts with the slowest ones (xdist would
