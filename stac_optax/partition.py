@@ -948,7 +948,8 @@ def partition_modules(
       in every case. Or the model itself: a Flax NNX ``Module``; a linen
       params dict as returned by ``Module.init`` (the ``params`` collection,
       or the whole variables dict, whose ``params`` is then used); a plain
-      nested dict (lists and tuples allowed) of arrays; or a
+      nested dict (lists and tuples allowed) of arrays; a Flax
+      ``TrainState`` (its ``params``); or a
       :class:`STACPartition`, returned as it is, or with its cap resolved
       again when a cap argument is given. See ``docs/optimizer.md``, "Where
       the order comes from".
@@ -959,11 +960,14 @@ def partition_modules(
       to ``nnx.Optimizer(model, tx, wrt=...)`` (``nnx.LoRAParam``,
       ``(nnx.Param, MyVariable)``, ``nnx.All(nnx.Param,
       nnx.Not(nnx.PathContains('backbone')))``, ...); a callable ``(path
-      name, leaf) -> bool``; or a tree of bools with the parameters' paths.
+      name, leaf) -> bool`` (the ``/``-joined name; for Flax's ``(path,
+      value)`` functions, use ``wrt``); or a tree of bools with the
+      parameters' paths.
       Others are frozen: not counted, never updated, no optimizer state. For
       NNX modules the candidates are ``nnx.Param`` variables and whatever
-      variables the filter selects. With a builder, the callable sees
-      ``jax.ShapeDtypeStruct`` leaves (NNX variables keep their type).
+      the filter selects (other variables, plain and mutable arrays). With a
+      builder, the callable sees ``jax.ShapeDtypeStruct`` leaves (NNX
+      variables keep their type).
     module_order: an explicit registration order: every counted module path
       (``<root>`` for root-owned parameters) exactly once. For trees whose
       dict order is not the creation order (anything rebuilt by
@@ -973,8 +977,10 @@ def partition_modules(
       once (``blocks/up``), an order that then holds in every layer. A
       linen builder needs none: the order in which the block calls its
       sub-modules is recorded while it is traced.
-    wrt: ``trainable`` under the name ``nnx.Optimizer`` gives it; give one
-      of the two.
+    wrt: exactly the ``wrt`` of ``nnx.Optimizer(model, tx, wrt=...)``:
+      every filter ``nnx.state`` takes, read as ``nnx.state`` reads it (a
+      function is Flax's ``(path: tuple of keys, value) -> bool``); give
+      this or ``trainable``. See ``docs/forms.md``.
     stacked_modules: the stacked (scanned) modules: a mapping from a module
       path to the axis of its parameters that indexes its layers
       (``{'blocks': 0}``; MaxText's ``{'decoder/layers': 1}``). A stacked
@@ -998,7 +1004,10 @@ def partition_modules(
       provably lost (sorted dicts with ``Dense_10`` before ``Dense_2``), or
       an ``nnx.State`` without ``module_order``.
     TypeError: a linen ``Module`` definition (give its variables or a
-      builder), or a callable that is not a zero-argument builder.
+      builder), a callable that is not a zero-argument builder, a form that
+      holds no model (an ``nnx.Optimizer``, an optimizer state), a scalar
+      (what ``optax.inject_hyperparams`` passes after calling a model as a
+      schedule), or a ``wrt`` that is no NNX filter.
 
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
