@@ -300,6 +300,8 @@ def refuse_optimizer_state(obj: Any, what: str) -> None:
         "or a STACPartition; the optimizer is built from the transformation "
         "afterwards: nnx.Optimizer(model, stac(model, ...), wrt=nnx.Param)."
     )
+  if is_nnx_module(obj):
+    return  # a model (its own graph; an optimizer is refused above)
   named = leaves_with_names(obj)
   if any(is_nnx_opt_state(x) for _, x in named):
     raise TypeError(

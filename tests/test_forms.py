@@ -587,3 +587,24 @@ def test_to_torch_takes_an_nnx_optimizers_state_and_names_the_fix_for_its_nnx_st
     torch_interop.to_torch(flax_model, nnx.state(optimizer), twin, _torch_run(twin))
   with pytest.raises(TypeError, match=r"target is an nnx.Optimizer.*give the model itself"):
     torch_interop.check_parity(_torch_twin(), optimizer)
+
+
+@pytest.mark.parametrize("form", ["Equinox filtered model", "stacked params"])
+def test_equinox_and_stacked_runs_checkpoint_alike(form, model, tmp_path):
+  if form == "Equinox filtered model":
+    params, kwargs = eqx.filter(EqxNet(jax.random.key(0)), eqx.is_inexact_array), {}
+  else:
+    params, kwargs = _stacked(model)
+  part = stac_optax.partition_modules(params, last_n_modules=CAP, **kwargs)
+  tx = stac_optax.stac(part, 0.1)
+  state = tx.init(params)
+  _, state = tx.update(gradients_like(params, nan_at="head/bias"), state, params)
+  tree = {"params": params, "opt_state": state}
+  checkpoint.save(tmp_path / "c", tree, part)
+  restored = checkpoint.restore(tmp_path / "c", tree)
+  chex.assert_trees_all_equal(restored, tree)
+  assert stac_optax.nonfinite_skipped_steps(restored["opt_state"]) == 1
+  other = stac_optax.partition_modules(part, last_n_modules=3)
+  with pytest.raises(ValueError, match=r"not saving a checkpoint that could not be restored: .*"
+                                       r"module 'blocks/1' \(#2 of 5\) is in this partition's cap"):
+    checkpoint.save(tmp_path / "other", tree, other)
