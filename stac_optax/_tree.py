@@ -26,7 +26,7 @@ What a parameter tree is (:func:`parameter_tree`, :func:`parameter_role`):
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -372,13 +372,18 @@ def describe_form(obj: Any) -> str:
 VARIABLE_VALUE_KEY = "value"
 
 
-def without_variable_values(named: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def without_variable_values(
+    named: Sequence[tuple[str, Any]], known: Collection[str] | None = None
+) -> list[tuple[str, Any]]:
   """Names of a tree of NNX variables as Orbax restores it without a template.
 
   Orbax keeps each ``Variable`` as ``{'value': array}``, so its leaves are
   named ``.../kernel/value``. Where every leaf's name ends in ``/value`` (a
   tree of variables; no model names all its parameters ``value``), the
-  suffix is dropped and the names are the variables' own.
+  suffix is dropped and the names are the variables' own. With ``known``
+  names (a partition's parameters), each leaf is read on its own: a name
+  that is not known loses its ``/value`` where that makes it known, so a
+  model state that mixes variables and plain arrays is read too.
 
   Example:
     >>> from stac_optax import _tree
@@ -386,8 +391,16 @@ def without_variable_values(named: Sequence[tuple[str, Any]]) -> list[tuple[str,
     [('head/kernel', 1), ('head/bias', 2)]
     >>> _tree.without_variable_values([('head/kernel', 1), ('head/value', 2)])
     [('head/kernel', 1), ('head/value', 2)]
+    >>> _tree.without_variable_values([('w', 1), ('head/kernel/value', 2)], known={'w', 'head/kernel'})
+    [('w', 1), ('head/kernel', 2)]
   """
   suffix = "/" + VARIABLE_VALUE_KEY
+  if known is not None:
+    return [
+        (name[: -len(suffix)] if name.endswith(suffix) and name not in known
+         and name[: -len(suffix)] in known else name, leaf)
+        for name, leaf in named
+    ]
   if not named or not all(
       name.endswith(suffix) or name == VARIABLE_VALUE_KEY for name, _ in named
   ):

@@ -18,7 +18,7 @@ against the caller's, naming the first module that moved).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,20 +49,22 @@ def _child(node: Any, key: Any, where: str) -> Any:
     ) from None
 
 
-def _names_and_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def _names_and_shapes(
+    tree: Any, known: Collection[str] | None = None
+) -> dict[str, tuple[int, ...]]:
   """Leaf names and shapes of a tree in any form (see :mod:`stac_optax._tree`)."""
   if tree is None:
     return {}
-  named = _tree.without_variable_values(_tree.leaves_with_names(tree))
+  named = _tree.without_variable_values(_tree.leaves_with_names(tree), known)
   return {name: tuple(np.shape(_tree.unbox(leaf))) for name, leaf in named}
 
 
-def _parameter_names(tree: Any) -> set[str] | None:
+def _parameter_names(tree: Any, known: Collection[str]) -> set[str] | None:
   """The names of ``tree``'s leaves that are parameters by default: all of
   a plain tree's, the ``nnx.Param`` ones of an ``nnx.State``; ``None`` for
   variables as Orbax restores them, whose types are gone."""
   named = _tree.leaves_with_names(tree)
-  if _tree.without_variable_values(named) != named:
+  if _tree.without_variable_values(named, known) != named:
     return None
   return {
       name for name, leaf in named
@@ -94,7 +96,8 @@ def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = Fal
   reported as extra, nor is anything of a ``whole_model`` state.
   """
   owner_of = dict(part.parameter_aliases)
-  got = {owner_of.get(n, n): shape for n, shape in _names_and_shapes(params).items()}
+  known = set(part.trainable_array_names + part.frozen_parameter_names) | set(owner_of)
+  got = {owner_of.get(n, n): shape for n, shape in _names_and_shapes(params, known).items()}
   shapes = dict(part.parameter_shapes)
   problems = []
   sections = {SIGN: "trunk", ADAMW: "cap"}
@@ -111,9 +114,8 @@ def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = Fal
         for n in names if n in got and n in shapes and got[n] != shapes[n]
     ]
     problems += reshaped[:4]
-  candidates = None if whole_model else _parameter_names(params)
+  candidates = None if whole_model else _parameter_names(params, known)
   if candidates is not None:
-    known = set(part.trainable_array_names + part.frozen_parameter_names)
     extra = sorted({owner_of.get(n, n) for n in candidates} - known)
     if extra:
       problems.append(f"the params hold parameters outside the partition: {_tree.short_list(extra)}")

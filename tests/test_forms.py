@@ -608,3 +608,32 @@ def test_equinox_and_stacked_runs_checkpoint_alike(form, model, tmp_path):
   with pytest.raises(ValueError, match=r"not saving a checkpoint that could not be restored: .*"
                                        r"module 'blocks/1' \(#2 of 5\) is in this partition's cap"):
     checkpoint.save(tmp_path / "other", tree, other)
+
+
+class WithArray(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.stem = nnx.Linear(3, 4, rngs=rngs)
+    self.scale = jnp.ones((4,))  # a plain array: saved without a Variable around it
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+
+def test_a_model_state_mixing_variables_and_plain_arrays_checkpoints(tmp_path):
+  model = WithArray(nnx.Rngs(0))
+  part = stac_optax.partition_modules(model, wrt=...)
+  assert part.module_names == ("<root>", "stem", "head")
+  optimizer = nnx.Optimizer(model, stac_optax.stac(part, 0.1), wrt=...)
+  optimizer.update(model, _map_named(lambda _, x: jnp.ones_like(x), nnx.state(model, ...)))
+  tree = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+  checkpoint.save(tmp_path / "c", tree, part)
+  chex.assert_trees_all_equal(checkpoint.restore(tmp_path / "c", tree), tree)
+  # read raw, the plain array comes back as 'scale' beside 'stem/kernel/value': both are
+  # checked against the partition (here one that names the array otherwise)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "plain", tree)
+    ckptr.wait_until_finished()
+  params = nnx.to_pure_dict(nnx.state(model, ...))
+  renamed = stac_optax.partition_modules({"scale2": params["scale"], "stem": params["stem"],
+                                          "head": params["head"]})
+  with pytest.raises(ValueError, match=r"the params lack trunk parameter\(s\) 'scale2'"):
+    checkpoint.restore(tmp_path / "plain", tree, renamed)
+  checkpoint.restore(tmp_path / "plain", tree, part)
