@@ -112,9 +112,10 @@ def _stacked(model):
 
 
 def _train_state(model):
+  params = creation_dict(model)
   state = train_state.TrainState.create(
-      apply_fn=model, params=creation_dict(model), tx=optax.sgd(0.1)
-  )
+      apply_fn=model, params=params, tx=stac_optax.stac(params, last_n_modules=CAP)
+  )  # it holds a STAC state beside the params
   return state, {}
 
 
