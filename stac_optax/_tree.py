@@ -290,8 +290,9 @@ def refuse_optimizer_state(obj: Any, what: str) -> None:
   """Refuses, naming the fix, a form that holds an optimizer, not a model.
 
   Raises:
-    TypeError: ``obj`` is an ``nnx.Optimizer``, or a tree holding
-      ``nnx.Optimizer`` state variables (``nnx.state(optimizer)``).
+    TypeError: ``obj`` is an ``nnx.Optimizer``, or its parameter tree (see
+      :func:`parameter_tree`) holds ``nnx.Optimizer`` state variables
+      (``nnx.state(optimizer)``) or a STAC state.
   """
   if is_nnx_optimizer(obj):
     raise TypeError(
@@ -302,7 +303,7 @@ def refuse_optimizer_state(obj: Any, what: str) -> None:
     )
   if is_nnx_module(obj):
     return  # a model (its own graph; an optimizer is refused above)
-  named = leaves_with_names(obj)
+  named = leaves_with_names(parameter_tree(obj))  # a TrainState's state is no model's
   if any(is_nnx_opt_state(x) for _, x in named):
     raise TypeError(
         f"{what} holds nnx.Optimizer state (nnx.OptState variables, as "

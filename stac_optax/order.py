@@ -154,7 +154,7 @@ def _discover_value(obj: Any, check_order: bool, candidate: Any, *, what: str) -
         "parameters until it is initialised; give its variables "
         "(model.init(key, x)) or, best, a builder: lambda: model.init(key, x)."
     )
-  _tree.refuse_optimizer_state(_tree.parameter_tree(obj), what)
+  _tree.refuse_optimizer_state(obj, what)
   if _tree.is_nnx_state(obj) and check_order:
     raise ModuleOrderError(
         "an nnx.State is sorted by key and has lost the modules' creation "
