@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -95,12 +97,7 @@ def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=Fals
           exclude_bias_from_weight_decay=False, exclude_1d_from_weight_decay=False),
   }
   if guard_variants:
-    out["STAC default, no guard"] = lambda: optax.partition(
-        {stac_optax.SIGN: stac_optax.sign_trunk(lr, weight_decay=0.5 * wd if part.is_hybrid else wd,
-                                         weight_decay_mask=mask),
-         stac_optax.ADAMW: optax.adamw(lr, weight_decay=wd, mask=mask),
-         stac_optax.FROZEN: stac_optax.keep_unchanged()},
-        part.labels)
+    out["STAC default, no guard"] = lambda: stac_unguarded(part, lr, wd)
     out["AdamW + apply_if_finite"] = lambda: optax.apply_if_finite(
         optax.adamw(lr, weight_decay=wd, mask=mask), 10**9)
   if peers:
@@ -111,6 +108,127 @@ def optimizers(model_or_params, lr=LR, wd=WD, *, peers=True, guard_variants=Fals
         "optax.sign_sgd": lambda: optax.sign_sgd(lr),
     })
   return out
+
+
+def stac_unguarded(part: stac_optax.STACPartition, lr=LR, wd=WD) -> optax.GradientTransformation:
+  """STAC default without its non-finite guard: the same trunk, cap and frozen
+  transformations and hyper-parameters as ``stac_optax.stac(part, lr,
+  weight_decay=wd)`` (trunk decay ``wd / 2`` when both sections hold modules;
+  ``sign_lr_scale`` 1), behind ``optax.partition`` alone."""
+  mask = functools.partial(stac_optax.weight_decay_mask, stacked_modules=part.stacked_axes)
+  return optax.partition(
+      {stac_optax.SIGN: stac_optax.sign_trunk(lr, weight_decay=0.5 * wd if part.is_hybrid else wd,
+                                              weight_decay_mask=mask),
+       stac_optax.ADAMW: stac_optax.adamw_cap(lr, weight_decay=wd, weight_decay_mask=mask),
+       stac_optax.FROZEN: stac_optax.keep_unchanged()},
+      part.labels)
+
+
+# Floats of optimizer state per parameter, by update rule.
+STATE_FLOATS = {"sign": 0, "adamw": 2, "lion": 1}
+
+
+def step_bytes(counts: dict[str, int], *, guard: bool = False, itemsize: int = 4) -> int:
+  """The fewest bytes one optimizer step must move through memory.
+
+  Each parameter is read with its gradient and state and written back with
+  its state (``3 + 2 * state`` floats: 12 B for a sign step, 28 B for AdamW,
+  20 B for Lion, in float32); a non-finite guard reads every gradient once
+  more.
+
+  Args:
+    counts: parameters per update rule (keys of ``STATE_FLOATS``).
+    guard: whether the step checks the gradients before it writes.
+    itemsize: bytes per float.
+
+  Returns:
+    The bytes.
+
+  Example:
+    >>> step_bytes({"sign": 10, "adamw": 2}, guard=True)
+    224
+  """
+  floats = sum(count * (3 + 2 * STATE_FLOATS[rule]) for rule, count in counts.items())
+  return itemsize * (floats + (sum(counts.values()) if guard else 0))
+
+
+def torch_twin(params, device="cpu"):
+  """A ``torch.nn.Module`` with the tree's structure and shapes, for timing.
+
+  Each dict or list of the tree is a module (lists a ``ModuleList``), each
+  array a parameter of the same shape and name, registered in the tree's
+  order, so that ``stac-optimizer`` counts the same modules and exempts the
+  same biases and 1-D parameters from decay; the weights are random (drawn
+  on ``device``), not copied.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  def build(node):
+    if isinstance(node, dict):
+      module = torch.nn.Module()
+      for key, child in node.items():
+        if isinstance(child, (dict, list)):
+          module.add_module(key, build(child))
+        else:
+          value = torch.empty(tuple(child.shape), device=device).normal_(std=0.02)
+          module.register_parameter(key, torch.nn.Parameter(value))
+      return module
+    return torch.nn.ModuleList(build(child) for child in node)
+
+  return build(params)
+
+
+def torch_optimizers(lr=LR, wd=WD) -> dict[str, Callable] | None:
+  """Name -> ``make(model)`` of the PyTorch optimizers compared (``None``
+  without torch and stac-optimizer). ``fused=True`` raises where this torch
+  has no fused AdamW for the model's device."""
+  try:
+    import stac_optimizer  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+
+  def adamw(model, **kwargs):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, **kwargs)
+
+  makers = {
+      "PyTorch STAC default": lambda m: stac_optimizer.STAC(m, lr=lr, weight_decay=wd),
+      "PyTorch STAC foreach": lambda m: stac_optimizer.STAC(m, lr=lr, weight_decay=wd, foreach=True),
+      "PyTorch AdamW": adamw,
+      "PyTorch AdamW fused": lambda m: adamw(m, fused=True),
+  }
+  return makers
+
+
+def torch_step(make, params, device="cpu"):
+  """A runnable PyTorch step of ``make(model)`` on the twin of ``params``
+  (gradients ``1e-3``), ``run(steps=1)`` returning after the device is done,
+  and its sizes."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  model = torch_twin(params, device)
+  for p in model.parameters():
+    p.grad = torch.full_like(p, 1e-3)
+  opt = make(model)
+  sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+  def run(steps=1):
+    with torch.no_grad():
+      for _ in range(steps):
+        opt.step()
+    sync()
+
+  start = time.perf_counter()
+  run()
+  info = {"first_call_ms": 1e3 * (time.perf_counter() - start),
+          "state_bytes": int(sum(t.nbytes for s in opt.state.values() for t in s.values()
+                                 if torch.is_tensor(t)))}
+  partition = getattr(opt, "partition", None)
+  if partition is not None:
+    named = dict(model.named_parameters())
+    info["cap_parameters"] = int(sum(named[n].numel() for n in partition.adamw_parameter_names))
+  run(2)
+  return run, info
 
 
 def state_bytes(opt_state) -> int:
@@ -182,6 +300,34 @@ def write_json(path: str | None, report: dict) -> None:
     with open(path, "w") as f:
       json.dump(report, f, indent=2)
     print(f"wrote {path}")
+
+
+class Tee:
+  """A stream that writes to another and to a log file."""
+
+  def __init__(self, stream, log):
+    self.stream, self.log = stream, log
+
+  def write(self, text):
+    self.stream.write(text)
+    self.log.write(text)
+    return len(text)
+
+  def flush(self):
+    self.stream.flush()
+    self.log.flush()
+
+
+@contextlib.contextmanager
+def logged(path: str | os.PathLike):
+  """stdout and stderr also go to ``path``."""
+  with open(path, "a", encoding="utf-8") as log:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+    try:
+      yield
+    finally:
+      sys.stdout, sys.stderr = saved
 
 
 def plt():

@@ -46,13 +46,7 @@ def per_leaf_flags_stac(part, lr=common.LR, wd=common.WD):
   """STAC default behind the guard's old form (skip only): ``jnp.all`` of one
   ``isfinite`` flag per leaf, which XLA turns into a chain of scalar ``and``
   operations and copies into every fusion that reads it."""
-  mask = stac_optax.weight_decay_mask
-  inner = optax.partition(
-      {stac_optax.SIGN: stac_optax.sign_trunk(lr, weight_decay=0.5 * wd if part.is_hybrid else wd,
-                                              weight_decay_mask=mask),
-       stac_optax.ADAMW: stac_optax.adamw_cap(lr, weight_decay=wd, weight_decay_mask=mask),
-       stac_optax.FROZEN: stac_optax.keep_unchanged()},
-      part.labels)
+  inner = common.stac_unguarded(part, lr, wd)
 
   def update(updates, state, params=None):
     labels = jax.tree.leaves(part.labels(updates))
@@ -97,11 +91,13 @@ def lower_and_compile(tx, params, state, grads):
 
 
 def compiled_step(tx, params, compile_repeats=1):
-  """The compiled, donated step of ``tx``, a runnable steady step, and its timings."""
+  """The compiled, donated step of ``tx``, a runnable steady step
+  (``run(steps=1)``, returning once the device is done), its timings and sizes."""
   params = jax.tree.map(jnp.copy, params)
   state = tx.init(params)
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   jax.block_until_ready((params, state, grads))
+  sizes = {"state_bytes": common.state_bytes(state)}
   compiled, lower_s, compile_s = lower_and_compile(tx, params, state, grads)
   lower_s, compile_s = [lower_s], [compile_s]
   while len(compile_s) < compile_repeats and compile_s[0] < REPEAT_BELOW_S:
@@ -116,11 +112,15 @@ def compiled_step(tx, params, compile_repeats=1):
     holder[:] = compiled(*holder, grads)
   jax.block_until_ready(holder)
 
-  def run():
-    holder[:] = compiled(*holder, grads)
+  def run(steps=1):
+    for _ in range(steps):
+      holder[:] = compiled(*holder, grads)
     jax.block_until_ready(holder)
 
+  memory = compiled.memory_analysis()
   info = {
+      **sizes,
+      "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
       "lower_s": min(lower_s),
       "compile_s": min(compile_s),
       "compile_s_each": compile_s,

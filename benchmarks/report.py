@@ -118,13 +118,59 @@ def stacked(report):
   return "\n".join(lines)
 
 
+def order(report):
+  lines = [f"{report['machine']}; fresh inits in registration order: {report['fresh_right_order']}, "
+           f"false warnings {report['fresh_false_warnings']}; sorted dicts silent: "
+           f"{report['jitted_silent']} (previous rule: {report['jitted_silent_old_rule']}); "
+           f"small models' sorted dicts silent: {report['small_jitted_silent']} (previous rule: "
+           f"{report['small_jitted_silent_old_rule']}).\n",
+           "| model | counted modules | cap | fresh init | default cap right | jax.jit(init) | previous rule |",
+           "| --- | ---: | ---: | --- | --- | --- | --- |"]
+  for name, r in {**report["models"], **report["small_models"]}.items():
+    lines.append(f"| {name} | {r['modules']} | {r['cap_size']} | {r['fresh']} | "
+                 f"{'yes' if r['fresh_cap_right'] else 'no'} | {r['jitted']} | {r['old_rule']} |")
+  return "\n".join(lines)
+
+
+def _cell(value, fmt="{:.3f}", scale=1.0):
+  return "-" if value is None else fmt.format(value * scale)
+
+
+def gpu_check(report):
+  env, torch_env = report["environment"], report["environment"].get("torch", {})
+  lines = [f"{env.get('device_kind')} ({env.get('nvidia_smi') or ', '.join(env.get('jax_devices', []))}); "
+           f"JAX {env.get('jax')}, PyTorch {torch_env.get('version')} (CUDA {torch_env.get('cuda')}); "
+           f"{report.get('seconds', '?')} s" + ("" if report["complete"] else " (incomplete)") + ".\n",
+           "| parity case | ok | worst abs diff | worst rel diff | steps |", "| --- | --- | ---: | ---: | ---: |"]
+  for name, c in report.get("parity", {}).get("cases", {}).items():
+    lines.append(f"| {name} | {c.get('ok', c.get('skipped'))} | {_cell(c.get('worst_abs_diff'), '{:.2e}')} | "
+                 f"{_cell(c.get('worst_rel_diff'), '{:.2e}')} | {c.get('steps', '-')} |")
+  if "bandwidth" in report:
+    lines.append(f"\nCopy bandwidth {report['bandwidth']['copy_gb_per_s']:.0f} GB/s (read + write).\n")
+  for label, size in report["sizes"].items():
+    lines += [f"**{label}** ({size['model']}, {size['parameters']:,} parameters, {size['leaves']} leaves)\n",
+              "| optimizer | median ms | vs adamw | of copy bandwidth | compile s | state MiB | XLA temp MiB | "
+              "peak step MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in size["optimizers"].items():
+      lines.append(f"| {name} | {_cell(r.get('median_ms'))} | {_cell(r.get('vs_adamw'))} | "
+                   f"{_cell(r.get('fraction_of_copy'), '{:.2f}')} | {_cell(r.get('compile_s'), '{:.2f}')} | "
+                   f"{_cell(r.get('state_bytes'), '{:.2f}', 2**-20)} | {_cell(r.get('xla_temp_bytes'), '{:.2f}', 2**-20)} | "
+                   f"{_cell(r.get('peak_step_bytes'), '{:.1f}', 2**-20)} |")
+    for name, why in {**size.get("skipped", {}), **size.get("errors", {})}.items():
+      lines.append(f"| {name} | not measured: {why.strip().splitlines()[-1]} | | | | | | |")
+    lines.append("")
+  lines += ["| target | value | met |", "| --- | ---: | --- |"]
+  lines += [f"| {t['target']} | {_cell(t['value'], '{:.3g}')} | {t['pass']} |" for t in report.get("targets", [])]
+  return "\n".join(lines)
+
+
 def main(paths):
   for path in paths:
     with open(path) as f:
       report = json.load(f)
     print(f"\n<!-- {path} -->\n")
     tables = {"research": research, "memory": memory, "speed": speed, "compile": compile_times,
-              "stacked": stacked}
+              "stacked": stacked, "order": order, "gpu_check": gpu_check}
     print(tables[report["benchmark"]](report))
 
 

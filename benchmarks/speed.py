@@ -71,8 +71,9 @@ def streaming_run(n_elements):
   x.block_until_ready()
   holder = [x]
 
-  def run():
-    holder[0] = f(holder[0])
+  def run(steps=1):
+    for _ in range(steps):
+      holder[0] = f(holder[0])
     holder[0].block_until_ready()
 
   return run
@@ -83,12 +84,12 @@ def bytes_moved(name, params, tx_partition):
   sizes = dict((n, x.size) for n, x in stac_optax.partition.leaves_with_names(params))
   n = sum(sizes.values())
   if name in ("AdamW baseline", "AdamW + apply_if_finite"):
-    return 28 * n + (4 * n if "finite" in name else 0)
+    return common.step_bytes({"adamw": n}, guard="finite" in name)
   if name.startswith("STAC") and name != "STAC 0.1.x momentum":
     part = tx_partition(name)
     cap = sum(sizes[p] for p in part.adamw_parameter_names)
-    guard = 0 if "no guard" in name else 4 * (n - sum(sizes[p] for p in part.frozen_parameter_names))
-    return 12 * (n - cap) + 28 * cap + guard
+    frozen = sum(sizes[p] for p in part.frozen_parameter_names)
+    return common.step_bytes({"sign": n - cap - frozen, "adamw": cap}, guard="no guard" not in name)
   return None
 
 
@@ -118,53 +119,18 @@ def jax_step(tx, params):
   return run, info
 
 
-def torch_steps(width, d_in=256, d_out=16, n_blocks=6):
-  """Runnable PyTorch STAC and AdamW steps on the same shapes (None without torch)."""
-  try:
-    import stac_optimizer  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
+def torch_steps(params):
+  """Runnable PyTorch STAC and AdamW steps on the shapes of ``params`` (None without torch)."""
+  makers = common.torch_optimizers()
+  if makers is None:
     return None
-  from torch import nn  # pylint: disable=import-outside-toplevel
-
-  class Block(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
-
-  class Net(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.stem = nn.Linear(d_in, width)
-      self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
-      self.head = nn.Linear(width, d_out)
-
-  torch.set_num_threads(max(1, torch.get_num_threads()))
-  makers = {
-      "PyTorch STAC default": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD),
-      "PyTorch STAC foreach": lambda m: stac_optimizer.STAC(m, lr=common.LR, weight_decay=common.WD, foreach=True),
-      "PyTorch AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=common.LR, weight_decay=common.WD),
-  }
-  try:
-    torch.optim.AdamW(nn.Linear(2, 2).parameters(), fused=True)
-    makers["PyTorch AdamW fused"] = lambda m: torch.optim.AdamW(
-        m.parameters(), lr=common.LR, weight_decay=common.WD, fused=True)
-  except (RuntimeError, ValueError):
-    pass
   runs = {}
   for name, make in makers.items():
-    model = Net()
-    for p in model.parameters():
-      p.grad = torch.full_like(p, 1e-3)
-    opt = make(model)
-
-    def run(opt=opt):
-      with torch.no_grad():
-        opt.step()
-
-    for _ in range(3):
-      run()
-    runs[name] = run
+    try:
+      runs[name], _ = common.torch_step(make, params)
+    except (RuntimeError, ValueError):
+      if name != "PyTorch AdamW fused":  # not on every device
+        raise
   return runs
 
 
@@ -232,7 +198,7 @@ def main(argv=None):
     del runs
     # PyTorch's steps in a group of their own: its OpenMP threads keep spinning
     # for a while after each step and would slow whichever JAX step came next.
-    torch_runs = None if args.no_torch else torch_steps(width)
+    torch_runs = None if args.no_torch else torch_steps(params)
     if torch_runs is not None:
       times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
     bandwidth = 8 * n / times["streaming"][0] / 1e9

@@ -1,7 +1,7 @@
 """Keeping a STAC run: its partition beside the state, and checked restores.
 
 Orbax restores a checkpoint into whatever template it is given, also one made
-for another partition, without complaint. :func:`validate_state` reads the
+for another partition, without complaint. :func:`~stac_optax.validate_state` reads the
 state as it was saved (a :class:`stac_optax.STACState`, or the plain nested
 dicts Orbax returns without a template) and refuses one whose cap, parameter
 names, shapes or trunk state do not fit the partition, naming the mismatch.
@@ -52,7 +52,7 @@ def _child(node: Any, key: Any, where: str) -> Any:
 def _names_and_shapes(
     tree: Any, known: Collection[str] | None = None
 ) -> dict[str, tuple[int, ...]]:
-  """Leaf names and shapes of a tree in any form (see :mod:`stac_optax._tree`)."""
+  """Leaf names and shapes of a tree in any form (see ``stac_optax._tree``)."""
   if tree is None:
     return {}
   named = _tree.without_variable_values(_tree.leaves_with_names(tree), known)
@@ -200,7 +200,7 @@ def validate_state(
   """Checks that a STAC optimizer state was made for this partition.
 
   The state is read in every form it is kept in (see
-  :mod:`stac_optax.state`): typed, inside a chain, a wrapper or a
+  ``stac_optax.state``): typed, inside a chain, a wrapper or a
   ``TrainState``, as ``nnx.Optimizer.opt_state``, ``nnx.state(optimizer)``
   or its pure dict, and as Orbax restores any of these without a template.
 
@@ -340,7 +340,7 @@ def save_args(
 
   For ``ocp.CheckpointManager``: ``manager.save(step, args=save_args(tree,
   partition))`` writes the items ``state`` (``ocp.args.StandardSave``) and
-  ``stac_partition`` (``ocp.args.JsonSave`` of :meth:`STACPartition.to_dict`).
+  ``stac_partition`` (``ocp.args.JsonSave`` of :meth:`stac_optax.STACPartition.to_dict`).
   :func:`restore` and :func:`load_partition` read a step directory written
   this way.
 
@@ -466,11 +466,11 @@ def restore(
   """Restores an Orbax checkpoint after checking its STAC state.
 
   The checkpoint is read once as saved, its optimizer state is checked with
-  :func:`validate_state`, and it is then restored into ``abstract`` (a tree
-  of ``jax.ShapeDtypeStruct`` or arrays: ``{'params': params, 'opt_state':
-  tx.init(params)}``, or ``{'model': nnx.state(model), 'optimizer':
-  nnx.state(optimizer)}`` of a model and optimizer built fresh, e.g. under
-  ``nnx.eval_shape``; the pure dicts of both work too).
+  :func:`~stac_optax.validate_state`, and it is then restored into
+  ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays: ``{'params':
+  params, 'opt_state': tx.init(params)}``, or ``{'model': nnx.state(model),
+  'optimizer': nnx.state(optimizer)}`` of a model and optimizer built fresh,
+  e.g. under ``nnx.eval_shape``; the pure dicts of both work too).
 
   The params saved beside the state and those of ``abstract`` (at
   ``params_key``) are checked as well, trunk included.
@@ -501,9 +501,10 @@ def restore(
       with a warning that the trunk could not be checked.
     checkpointer: an ``orbax.checkpoint`` checkpointer for a plain Orbax
       checkpoint; default ``StandardCheckpointer()``.
-    sign_momentum: as for :func:`validate_state`; ``None`` (default): as the
-      state in ``abstract`` holds it (a trunk buffer or none), else as saved.
-    **partition_kwargs: as for :func:`validate_state`.
+    sign_momentum: as for :func:`~stac_optax.validate_state`; ``None``
+      (default): as the state in ``abstract`` holds it (a trunk buffer or
+      none), else as saved.
+    **partition_kwargs: as for :func:`~stac_optax.validate_state`.
 
   Returns:
     The restored tree, shaped like ``abstract``.

@@ -223,7 +223,7 @@ def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
   contains it (``optax.chain``, ``optax.MultiSteps``,
   ``optax.inject_hyperparams``, a Flax ``TrainState``), in every form it is
   kept in: ``nnx.Optimizer.opt_state``, ``nnx.state(optimizer)`` and its
-  pure dict, and as Orbax restores it (see :mod:`stac_optax.state`).
+  pure dict, and as Orbax restores it (see ``stac_optax.state``).
 
   Raises:
     ValueError: ``opt_state`` holds no STAC state, or several.

@@ -1,11 +1,16 @@
-"""Where the modules' creation order comes from, and when it has been lost.
+"""Where the modules' registration order comes from, and when it has been lost.
 
-STAC's cap is the last counted modules in *creation* (registration) order.
+STAC's cap is the last counted modules in *registration* order: PyTorch's
+``named_modules()`` order, the order ``__init__`` assigns sub-modules in.
 That order lives in Python objects, and JAX drops it easily:
 
 * ``jax.tree_util`` flattens dicts in sorted key order, so every
   ``jax.tree.map``, every jitted function's output (``jax.jit(model.init)``)
   and every Orbax restore returns dicts rebuilt in sorted order.
+* A linen ``model.init`` dict is in the order variables were first *used*,
+  which is not the order ``setup`` declares its sub-modules in, and lifted
+  transforms (``nn.remat``, ``nn.jit``, ``nn.scan``, ``nn.vmap``) return
+  their part of it sorted.
 * NNX rebuilds a module's attributes in sorted order whenever it goes
   through its graph machinery (``nnx.jit``, ``nnx.grad``, ``nnx.split`` +
   ``nnx.merge``, ``nnx.clone``, ``nnx.eval_shape``, a module built inside
@@ -16,89 +21,72 @@ What this module reads, in order of trust:
 
 1. A *builder*: a zero-argument callable that creates the model or its
    variables (``lambda: Net(rngs=nnx.Rngs(0))``, ``lambda: model.init(key,
-   x)``). It is called once under :func:`jax.eval_shape` (no parameter
-   memory, no FLOPs) and the order is read while the objects it creates are
-   still in creation order.
+   x)``). It is called under :func:`jax.eval_shape` (no parameter memory, no
+   FLOPs). For linen, the order is read from Flax's module tree while it runs
+   (:mod:`stac_optax.linen_order`): ``setup`` declaration order,
+   ``@nn.compact`` first-call order, through lifted transforms.
 2. An NNX module: attribute assignment order (``vars(module)``), or, for a
    module NNX rebuilt, the assignment order NNX recorded for it.
 3. A linen variables dict or plain nested dict: dict insertion order; lists
    and tuples by index.
 
-For trees, a lost order is detected where it can be (see :func:`check_tree_order`):
-a *provably* lost one raises :class:`ModuleOrderError`, a *probably* lost one
-warns with :class:`ModuleOrderWarning`. Both name the fix. ``module_order=``
-(an explicit order) skips the check.
+For dict orders, a lost order is detected where it can be (see
+:func:`check_tree_order`): a *provably* lost one raises
+:class:`ModuleOrderError`, a *possibly* lost one that could move the cap warns
+with :class:`ModuleOrderWarning`. Both name the fix. ``module_order=`` (an
+explicit order) skips the check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-import math
-import os
-import re
-import sys
-import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from stac_optax import _tree
+from stac_optax import _tree, linen_order
 from stac_optax._tree import Path
-
-# A tree in sorted order at every level warns when a model built fresh would
-# come out that way by chance with a probability of at most 1 / _UNLIKELY.
-_UNLIKELY = 24
-
-FIX = (
-    "Give stac a builder instead, a zero-argument callable that creates the "
-    "model or its variables (stac(lambda: Net(rngs=nnx.Rngs(0)), ...) or "
-    "stac(lambda: model.init(key, x), ...): it is traced once with "
-    "jax.eval_shape, so no parameter is allocated), or give module_order=, or a "
-    "STACPartition saved with the run (STACPartition.from_dict)."
+from stac_optax.order_checks import (  # noqa: F401  (public here too)
+    FIX,
+    FIX_AFTER_BUILDER,
+    ModuleOrderError,
+    ModuleOrderWarning,
+    check_tree_order,
+    fix,
+    warn_lost_order,
+    warn_sorted_subtrees,
 )
-
-
-class ModuleOrderWarning(UserWarning):
-  """The modules' creation order was probably lost before STAC read it.
-
-  The cap may then be the alphabetically last modules instead of the last
-  created ones. Silence it by passing a builder, ``module_order=`` or a saved
-  :class:`~stac_optax.STACPartition`, which all fix the order.
-  """
-
-
-class ModuleOrderError(ValueError):
-  """The modules' creation order was provably lost before STAC read it."""
 
 
 @dataclasses.dataclass
 class Discovery:
-  """What a walk in creation order found.
+  """What a walk in registration order found.
 
   Attributes:
-    from_dict_order: the order was read from dict insertion order (a tree),
-      rather than from NNX's record of attribute assignments.
-    call_order: linen module paths in the order a builder first called
-      them (``None`` when not recorded); it orders the sub-modules of stacked
-      modules, which ``nn.scan`` returns sorted.
     node_paths: every node, pre-order.
     parameters: candidate parameters (first owner only) with their leaves;
       from a builder, the leaves are ``jax.ShapeDtypeStruct``.
     aliases: tree path -> owner path, for NNX shared variables.
+    dict_ordered: the nodes whose children were taken in dict insertion
+      order, for want of a record of their registration order (Flax's
+      module tree, NNX's attribute record).
+    from_builder: the model came from a builder.
+    sorted_subtrees: parts of a dict-ordered tree in sorted key order, where
+      the rest is not (see :func:`check_tree_order`); the caller warns.
     trains: for each parameter, whether it trains by the ``candidate``
       filter (decided on the leaf as the model holds it, see
-      :func:`stac_optax._tree.parameter_role`); ``None`` when not recorded.
+      ``stac_optax._tree.parameter_role``); ``None`` when not recorded.
   """
 
   node_paths: list[Path]
   parameters: list[tuple[Path, Any]]
   aliases: dict[str, str]
-  from_dict_order: bool = False
-  call_order: list[Path] | None = None
+  dict_ordered: frozenset[Path] = frozenset()
+  from_builder: bool = False
+  sorted_subtrees: tuple[Path, ...] = ()
   trains: list[bool] | None = None
 
 
@@ -125,7 +113,7 @@ def is_builder(obj: Any) -> bool:
 def discover(
     model_or_params: Any, *, check_order: bool = True, candidate: Any = None
 ) -> Discovery:
-  """Finds the candidate parameters and the nodes of a model, in creation order.
+  """Finds the candidate parameters and the nodes of a model, in registration order.
 
   Args:
     model_or_params: a builder, an NNX module, a linen variables or params
@@ -147,7 +135,15 @@ def discover(
   return _discover_value(model_or_params, check_order, candidate, what="model_or_params")
 
 
-def _discover_value(obj: Any, check_order: bool, candidate: Any, *, what: str) -> Discovery:
+def _discover_value(
+    obj: Any,
+    check_order: bool,
+    candidate: Any,
+    *,
+    what: str,
+    record: linen_order.LinenOrder | None = None,
+    from_builder: bool = False,
+) -> Discovery:
   if _tree.is_linen_module(obj):
     raise TypeError(
         f"{what} is a linen Module ({type(obj).__name__}), which holds no "
@@ -162,11 +158,12 @@ def _discover_value(obj: Any, check_order: bool, candidate: Any, *, what: str) -
         "give module_order."
     )
   if _tree.is_nnx_module(obj):
-    return _discover_nnx(obj, check_order, candidate)
-  found, levels = _discover_tree(_tree.parameter_tree(obj), candidate)
+    return _discover_nnx(obj, check_order, candidate, from_builder)
+  found, levels = _discover_tree(_tree.parameter_tree(obj), record, candidate)
   if check_order:
-    check_tree_order(levels, found.parameters)
-  return dataclasses.replace(found, from_dict_order=True)
+    subtrees = check_tree_order(levels, found.parameters, from_builder=from_builder)
+    found = dataclasses.replace(found, sorted_subtrees=subtrees)
+  return found
 
 
 # --------------------------------------------------------------------------
@@ -226,6 +223,21 @@ def _abstract(leaf: Any) -> Any:
 
 
 def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> Discovery:
+  _check_takes_no_arguments(builder)
+  found = _trace_builder(builder, check_order, candidate, jit=True, need_record=True)
+  if found is None:
+    # A linen module level the record missed: nn.jit reuses a trace it has
+    # cached (from an earlier init, or a sibling block), so the modules
+    # inside never ran. Traced again with jit disabled, they run.
+    try:
+      found = _trace_builder(builder, check_order, candidate, jit=False, need_record=False)
+    except Exception:  # pylint: disable=broad-except  # code that needs jit: the dict's order, checked
+      found = _trace_builder(builder, check_order, candidate, jit=True, need_record=False)
+  assert found is not None
+  return found
+
+
+def _check_takes_no_arguments(builder: Any) -> None:
   try:
     inspect.signature(builder).bind()
   except TypeError:
@@ -238,55 +250,44 @@ def _discover_from_builder(builder: Any, check_order: bool, candidate: Any) -> D
   except ValueError:  # no signature to check (some builtins): just call it
     pass
 
-  result: list[Discovery] = []
-  calls: list[Path] = []
+
+def _trace_builder(
+    builder: Any, check_order: bool, candidate: Any, *, jit: bool, need_record: bool
+) -> Discovery | None:
+  """Calls ``builder`` under :func:`jax.eval_shape` and reads its modules.
+
+  Returns ``None``, before any check, when ``need_record`` is true and
+  Flax's record of the linen modules misses a level of the variables; with
+  ``jit`` false, ``jax.jit`` (and so ``nn.jit``) runs the Python it wraps.
+  """
+  result: list[Discovery | None] = []
 
   def build() -> None:
-    with _recording_linen_calls(calls):
+    with linen_order.recording() as record, jax.disable_jit(not jit):
       built = builder()
     _check_built(built)
-    found = _discover_value(built, check_order, candidate, what="the model builder's result")
-    abstract = [(path, _abstract(leaf)) for path, leaf in found.parameters]
-    result.append(
-        dataclasses.replace(found, parameters=abstract, call_order=list(calls) or None)
+    if _tree.is_nnx_module(built) or not record:
+      record = None
+    elif need_record and not linen_order.covers(record, _tree.parameter_tree(built)):
+      result.append(None)
+      return
+    found = _discover_value(
+        built, check_order, candidate, what="the model builder's result", record=record,
+        from_builder=True,
     )
+    abstract = [(path, _abstract(leaf)) for path, leaf in found.parameters]
+    result.append(dataclasses.replace(found, parameters=abstract, from_builder=True))
 
   try:
     jax.eval_shape(build)
   except Exception as error:
     error.add_note(
-        "stac_optax called the model builder once under jax.eval_shape to read "
-        "its modules in creation order; the builder must run on abstract "
+        "stac_optax called the model builder under jax.eval_shape to read "
+        "its modules in registration order; the builder must run on abstract "
         "values (no float(x), no printing array contents)."
     )
     raise
   return result[0]
-
-
-@contextlib.contextmanager
-def _recording_linen_calls(calls: list[Path]):
-  """Records the path of each linen module at its first method call.
-
-  Inside ``nn.scan`` (and other lifted transforms) the modules of a block are
-  still called in the order the block runs them, although the variables
-  come back sorted by name.
-  """
-  try:
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  except ImportError:  # pragma: no cover
-    yield
-    return
-  seen: set[Path] = set()
-
-  def record(method, args, kwargs, context):
-    path = getattr(context.module, "path", None)
-    if isinstance(path, tuple) and path not in seen:
-      seen.add(path)
-      calls.append(path)
-    return method(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    yield
 
 
 def _dtype_of(value: Any) -> Any:
@@ -328,7 +329,9 @@ def _attribute_order(node: Any) -> tuple[list[str], bool]:
   return recorded_names, True
 
 
-def _discover_nnx(model: Any, check_order: bool, candidate: Any = None) -> Discovery:
+def _discover_nnx(
+    model: Any, check_order: bool, candidate: Any = None, from_builder: bool = False
+) -> Discovery:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from flax.nnx import graph  # pylint: disable=import-outside-toplevel
 
@@ -388,11 +391,11 @@ def _discover_nnx(model: Any, check_order: bool, candidate: Any = None) -> Disco
 
   visit(model, ())
   if unknown_order and check_order:
-    _warn(
+    warn_lost_order(
         f"NNX rebuilt module(s) {_tree.short_list(unknown_order)} in sorted "
         "attribute order (nnx.jit, nnx.split + nnx.merge, nnx.clone, "
         "nnx.eval_shape do) and this Flax version records no creation order "
-        "for them: the cap may be the alphabetically last modules. " + FIX
+        "for them: the cap may be the alphabetically last modules. " + fix(from_builder)
     )
 
   # nnx.state lists a shared variable once, under the path its own (sorted)
@@ -415,12 +418,14 @@ def _discover_nnx(model: Any, check_order: bool, candidate: Any = None) -> Disco
 
 
 def _discover_tree(
-    tree: Any, candidate: Any = None
+    tree: Any, record: linen_order.LinenOrder | None = None, candidate: Any = None
 ) -> tuple[Discovery, list[tuple[Path, list[Hashable]]]]:
-  """Pre-order walk of a tree; also returns each dict level's keys in order.
+  """Pre-order walk of a tree. Each dict level is taken in the order
+  ``record`` gives it where it names all its keys, else in insertion order;
+  also returns the keys of the levels taken in insertion order.
 
   Every leaf is a parameter, except NNX variables that are no parameter by
-  :func:`~stac_optax._tree.parameter_role` (``BatchStat``, RNG state in an
+  ``stac_optax._tree.parameter_role`` (``BatchStat``, RNG state in an
   ``nnx.State``, unless ``candidate`` selects them).
   """
   node_paths: list[Path] = []
@@ -442,8 +447,13 @@ def _discover_tree(
       leaf(path, node)
       return
     if isinstance(node, Mapping):
-      children = list(node.items())
-      levels.append((path, [k for k, _ in children]))
+      keys = list(node)
+      recorded = record.order(path, keys) if record is not None else None
+      if recorded is None:
+        levels.append((path, keys))
+      else:
+        keys = _sub_modules_reordered(node, keys, recorded)
+      children = [(k, node[k]) for k in keys]
     elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
       children = list(enumerate(node))
     else:
@@ -461,121 +471,18 @@ def _discover_tree(
   visit(tree, ())
   if parameters and parameters[0][0] == ():  # a bare array as the whole params
     node_paths.append(())  # is the root module's parameter, named ''
-  return Discovery(node_paths, parameters, {}, trains=trains), levels
-
-
-_NUMBERED = re.compile(r"^(.*?)(\d+)$")
-
-
-def _numbered(key: str) -> tuple[str, int] | None:
-  match = _NUMBERED.match(key)
-  return (match.group(1), int(match.group(2))) if match else None
-
-
-def check_tree_order(
-    levels: list[tuple[Path, list[Hashable]]], parameters: list[tuple[Path, Any]]
-) -> None:
-  """Refuses a provably lost dict order; warns about a probably lost one.
-
-  Only dict levels count (lists keep their order), and at each only the keys
-  whose subtree holds a parameter. ``jax.tree_util`` rebuilds *every* dict
-  level in sorted key order, so a tree with one unsorted level was not
-  rebuilt that way and passes.
-
-  *Provably lost*: a sorted level whose numbered names are out of numeric
-  order (``Dense_10`` before ``Dense_2``, ``'10'`` before ``'2'``): linen's
-  auto-names and Orbax's list indices count in creation order, so only a
-  sort puts them so.
-
-  *Probably lost*: every level sorted, and a fresh model would come out
-  that way by chance with a probability of at most 1/24. A level's chance
-  is one over the number of its orders that keep each numbered family
-  (``Conv_0, Conv_1, ...``) in numeric order; identical levels (repeated
-  blocks) count once. ``Dense_0 ... Dense_9`` alone has one such order, so
-  its sortedness is no evidence at all.
-
-  Raises:
-    ModuleOrderError: the order is provably lost.
-
-  Warns:
-    ModuleOrderWarning: the order is probably lost.
-  """
-  relevant: set[Path] = set()
-  for path, _ in parameters:
-    for i in range(1, len(path) + 1):
-      relevant.add(tuple(path[:i]))
-
-  chances: dict[tuple[str, ...], int] = {}
-  all_sorted = True
-  for path, all_keys in levels:
-    keys = [k for k in all_keys if (*path, k) in relevant]
-    if len(keys) < 2:
-      continue
-    try:
-      is_sorted = keys == sorted(keys)
-    except TypeError:  # keys of mixed types: jax would not sort them so
-      is_sorted = False
-    if not is_sorted:
-      all_sorted = False
-      continue
-    names = [str(k) for k in keys]
-    families: dict[str, list[tuple[int, str]]] = {}
-    singles = 0
-    for name in names:
-      numbered = _numbered(name)
-      if numbered is None:
-        singles += 1
-      else:
-        families.setdefault(numbered[0], []).append((numbered[1], name))
-    for members in families.values():
-      for (a, name_a), (b, name_b) in zip(members, members[1:], strict=False):
-        if b < a:
-          where = f"under {_tree.path_name(path)!r}" if path else "at the top level"
-          raise ModuleOrderError(
-              f"the modules' creation order was lost before STAC read it: "
-              f"{where}, {name_a!r} comes before {name_b!r}, in sorted key "
-              "order (the order jax.jit, jax.tree.map and Orbax give dicts). "
-              "The cap would be the alphabetically last modules. " + FIX
-          )
-    orders = math.factorial(len(names))
-    for members in families.values():
-      orders //= math.factorial(len(members))
-    chances[tuple(names)] = orders
-  if not all_sorted or not chances:
-    return
-  odds = math.prod(chances.values())
-  if odds >= _UNLIKELY:
-    count = len(chances)
-    _warn(
-        f"every level of this parameter tree is in sorted key order, which a "
-        f"model built fresh gives by chance only once in {odds:,} "
-        f"({count} distinct level{'s' * (count != 1)}): its creation order was "
-        "probably lost (jax.jit(model.init), jax.tree.map and Orbax restores "
-        "return sorted dicts), and the cap may be the alphabetically last "
-        "modules instead of the last created. " + FIX + " Each of these also "
-        "silences this warning."
-    )
-
-
-# --------------------------------------------------------------------------
-# Warnings that point at the user's line
-# --------------------------------------------------------------------------
-
-
-def _library_dirs() -> tuple[str, ...]:
-  import flax  # pylint: disable=import-outside-toplevel
-
-  return tuple(
-      os.path.dirname(module.__file__) + os.sep
-      for module in (sys.modules[__package__], jax, flax)
+  found = Discovery(
+      node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels), trains=trains
   )
+  return found, levels
 
 
-def _warn(message: str) -> None:
-  """Warns with :class:`ModuleOrderWarning` at the first frame outside
-  stac_optax, jax and flax (a builder is called from inside jax)."""
-  dirs = _library_dirs()
-  frame, level = sys._getframe(0), 1  # pylint: disable=protected-access
-  while frame is not None and frame.f_code.co_filename.startswith(dirs):
-    frame, level = frame.f_back, level + 1
-  warnings.warn(message, ModuleOrderWarning, stacklevel=level)
+def _sub_modules_reordered(
+    node: Mapping, keys: list[Hashable], recorded: list[Hashable]
+) -> list[Hashable]:
+  """``keys`` with the sub-module entries (dicts) in the recorded order; a
+  module's own parameters keep their dict order (the order they have in
+  every other form of the same tree, so that partitions compare equal)."""
+  modules = [k for k in recorded if isinstance(node[k], Mapping)]
+  slots = iter(modules)
+  return [next(slots) if isinstance(node[k], Mapping) else k for k in keys]

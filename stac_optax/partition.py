@@ -1,4 +1,4 @@
-"""The partition: counted modules in creation order, the cap size, path labels.
+"""The partition: counted modules in registration order, the cap size, path labels.
 
 A *counted module* is a node of the parameter tree that directly owns at least
 one trainable parameter; the module of a parameter is its parent path. Counted
@@ -231,32 +231,37 @@ class STACPartition:
 
   @property
   def sign_modules(self) -> tuple[ModuleGroup, ...]:
-    """The trunk: counted modules before the cap."""
+    """The trunk's counted modules, those before the cap."""
     return self.modules[: self._split]
 
   @property
   def adamw_modules(self) -> tuple[ModuleGroup, ...]:
-    """The cap: the last ``resolved_last_n_modules`` counted modules."""
+    """The cap's counted modules, the last ``resolved_last_n_modules`` of them."""
     return self.modules[self._split :]
 
   @property
   def sign_module_names(self) -> tuple[str, ...]:
+    """The trunk's module paths, in registration order."""
     return tuple(m.name for m in self.sign_modules)
 
   @property
   def adamw_module_names(self) -> tuple[str, ...]:
+    """The cap's module paths, in registration order."""
     return tuple(m.name for m in self.adamw_modules)
 
   @property
   def sign_parameter_names(self) -> tuple[str, ...]:
+    """The trunk's parameter paths (``blocks/0/fc1/kernel``), module by module."""
     return tuple(p for m in self.sign_modules for p in m.parameter_names)
 
   @property
   def adamw_parameter_names(self) -> tuple[str, ...]:
+    """The cap's parameter paths, module by module."""
     return tuple(p for m in self.adamw_modules for p in m.parameter_names)
 
   @property
   def trainable_module_count(self) -> int:
+    """How many modules are counted (trunk and cap)."""
     return len(self.modules)
 
   @property
@@ -335,7 +340,7 @@ class STACPartition:
   @functools.cached_property
   def _label_of(self) -> dict[str, Any]:
     """Array name (as trees show it) -> label; a split array's label is a
-    :class:`~stac_optax.stacked.LayerSplit` of two labels."""
+    ``LayerSplit`` of two labels."""
     table: dict[str, Any] = {
         name: stacked_lib.LayerSplit(SIGN, ADAMW) if isinstance(plan, tuple) else plan
         for name, plan in self._plan.items()
@@ -528,7 +533,7 @@ class STACPartition:
 
   def split(self, tree: Any) -> Any:
     """``tree`` with each stacked array that the cap boundary cuts replaced
-    by a :class:`~stac_optax.stacked.LayerSplit` holding it twice, once for
+    by a ``LayerSplit`` holding it twice, once for
     the trunk (``optax.partition`` label ``sign``) and once for the cap
     (``adamw``).
 
@@ -975,8 +980,8 @@ def partition_modules(
       off the lost-order check. For a stacked module it may name the
       per-layer modules (``blocks/0/up``, ...) or each of its sub-modules
       once (``blocks/up``), an order that then holds in every layer. A
-      linen builder needs none: the order in which the block calls its
-      sub-modules is recorded while it is traced.
+      linen builder needs none: the block's registration order is read
+      from Flax's module tree while it is traced.
     wrt: exactly the ``wrt`` of ``nnx.Optimizer(model, tx, wrt=...)``:
       every filter ``nnx.state`` takes, read as ``nnx.state`` reads it (a
       function is Flax's ``(path: tuple of keys, value) -> bool``); give
@@ -1012,7 +1017,7 @@ def partition_modules(
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
       level in sorted order, which a fresh model gives rarely by chance); see
-      :func:`stac_optax.order.check_tree_order`. Also when the sub-modules
+      ``stac_optax.order_checks.check_tree_order``. Also when the sub-modules
       of a stacked module come from a dict in sorted order (``nn.scan``
       returns them so) and ``module_order`` does not give their order.
 
@@ -1055,14 +1060,17 @@ def partition_modules(
   )
 
   stacks = stacked_lib.resolve(stacked_modules, found.parameters, found.node_paths)
+  order_lib.warn_sorted_subtrees(  # a stacked module's own check names its sub-modules
+      found.sorted_subtrees, skip=[s.path for s in stacks], from_builder=found.from_builder
+  )
   owned: dict[Path, list[Path]] = {}
   for path, _ in trainable_params:
     owned.setdefault(tuple(path[:-1]), []).append(tuple(path))
   preorder = [p for p in found.node_paths if p in owned]
   if stacks:
     modules = _stacked_module_list(
-        preorder, owned, stacks, module_order, warn_sorted=found.from_dict_order,
-        call_order=found.call_order,
+        preorder, owned, stacks, module_order, dict_ordered=found.dict_ordered,
+        from_builder=found.from_builder,
     )
   else:
     modules = [
@@ -1082,10 +1090,10 @@ def partition_modules(
       resolved_last_n_modules=cap,
       frozen_parameter_names=frozen,
       parameter_aliases=tuple(sorted(found.aliases.items())),
-      parameter_shapes=tuple(
+      parameter_shapes=tuple(sorted(  # a lookup table: the same whatever the walk's order
           (path_name(p), tuple(int(d) for d in np.shape(_unbox(leaf))))
           for p, leaf in found.parameters
-      ),
+      )),
       stacked_modules=tuple((s.name, s.axis, s.layers) for s in stacks),
   )
 
@@ -1169,8 +1177,8 @@ def _stacked_module_list(
     stacks: Sequence[stacked_lib.Stacked],
     module_order: Sequence[str] | None,
     *,
-    warn_sorted: bool,
-    call_order: Sequence[Path] | None = None,
+    dict_ordered: frozenset[Path] = frozenset(),
+    from_builder: bool = False,
 ) -> list[ModuleGroup]:
   """The counted modules with each stacked module unrolled into its layers.
 
@@ -1199,29 +1207,10 @@ def _stacked_module_list(
     else:
       per_layer_order = module_order
   else:
-    called = {tuple(str(k) for k in p): i for i, p in enumerate(call_order or ())}
     for stack in stacks:
-      at = [i for i, m in enumerate(collapsed) if _stack_holding(path_of[m.name], [stack])]
-      members = [collapsed[i] for i in at]
-      rank = [called.get(tuple(str(k) for k in path_of[m.name])) for m in members]
-      if members and None not in rank:  # a linen builder's calls give the order
-        ordered = [m for _, m in sorted(zip(rank, members, strict=True), key=lambda t: t[0])]
-        for i, m in zip(at, ordered, strict=True):
-          collapsed[i] = m
-        continue
-      inner = [m.name for m in members]
-      if warn_sorted and len(inner) > 1 and inner == sorted(inner):
-        example = ", ".join(repr(n) for n in names)
-        order_lib._warn(  # pylint: disable=protected-access
-            f"the sub-modules of stacked module {stack.name!r} "
-            f"({_short_list(inner)}) come in sorted order, which is how "
-            "nn.scan and jax return them, not necessarily the order they were "
-            "created: the cap may cut each layer in the wrong place. Give a "
-            "builder (stac(lambda: model.init(key, x), ...): the order the "
-            "block calls its modules is recorded), or module_order naming each "
-            f"sub-module once, in creation order: module_order=({example}) "
-            "reordered as the block creates them."
-        )
+      inner = [m.name for m in collapsed if _stack_holding(path_of[m.name], [stack])]
+      if stack.path in dict_ordered and len(inner) > 1 and inner == sorted(inner):
+        _warn_sorted_stack(stack.name, inner, names, from_builder)
 
   modules: list[ModuleGroup] = []
   done: set[str] = set()
@@ -1263,6 +1252,25 @@ def _stacked_module_list(
           f"per-layer module or each stacked sub-module once: {_short_list(names, 12)}."
       ) from None
   return modules
+
+
+def _warn_sorted_stack(
+    stack: str, inner: list[str], names: list[str], from_builder: bool
+) -> None:
+  example = ", ".join(repr(n) for n in names)
+  give = (
+      "Give module_order" if from_builder else
+      "Give a builder (stac(lambda: model.init(key, x), ...): the block's "
+      "registration order is read from Flax's module tree), or module_order"
+  )
+  order_lib.warn_lost_order(
+      f"the sub-modules of stacked module {stack!r} ({_short_list(inner)}) "
+      "come in sorted order, which is how nn.scan and jax return them, not "
+      "necessarily the order they were registered: the cap may cut each "
+      f"layer in the wrong place. {give} naming each sub-module once, in "
+      f"registration order: module_order=({example}) reordered as the block "
+      "registers them."
+  )
 
 
 def _reorder(modules: list[ModuleGroup], module_order: Sequence[str]) -> list[ModuleGroup]:

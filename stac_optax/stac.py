@@ -290,7 +290,7 @@ def stac(
     \text{cap:}\quad p \leftarrow p\,(1 - \eta \lambda_a d(p))
       - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
 
-  with :math:`\eta_s = \texttt{sign\_lr\_scale}\cdot\eta` when both sections
+  with :math:`\eta_s = \mathtt{sign\_lr\_scale}\cdot\eta` when both sections
   hold modules (otherwise :math:`\eta_s = \eta`), and :math:`d(p) = 0` for
   biases and 1-D parameters (by default). The cap is ``optax.adamw`` with
   ``eps_root=0``, which is ``torch.optim.AdamW``. Optimizer memory is the

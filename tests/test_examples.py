@@ -18,11 +18,17 @@ def _load(name):
 
 
 def test_quickstart_trains_both_optimizers_and_stac_keeps_a_tenth_of_the_state():
-  runs = _load("quickstart").main(["--steps", "60"])
+  runs = _load("quickstart").main(
+      ["--steps", "60", "--width", "64", "--blocks", "2", "--compiles", "1", "--steps-per-round", "5"])
   stac, adamw = runs
+  assert [run["name"] for run in runs] == ["STAC", "AdamW"]
+  assert stac["initial_val_loss"] == adamw["initial_val_loss"]  # the same initial weights
   for run in runs:
     assert run["val_loss"] < 0.8 * run["initial_val_loss"], run
-  assert stac["state_mib"] < 0.15 * adamw["state_mib"]
+    assert run["first_call_s"] > 0
+    low, median, high = run["step_ms"]
+    assert 0 < low <= median <= high
+  assert stac["state_bytes"] < 0.15 * adamw["state_bytes"]
 
 
 def test_torch_migration_continues_the_run_exactly():

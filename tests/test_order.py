@@ -178,11 +178,24 @@ def test_fresh_linen_models_never_warn(model, x):
       stac_optax.partition_modules(model.init(KEY, x))
 
 
-def test_a_tree_sorted_by_chance_with_little_evidence_does_not_warn():
-  variables = jax.jit(CNN().init)(KEY, jnp.ones((1, 12, 12, 1)))  # sorted, and also its creation order
-  with _no_order_warning():
+def test_a_jitted_tree_whose_sorted_order_happens_to_be_right_still_warns():
+  # sorted, and also its registration order; but a model that registers its
+  # Dense layers before its Conv layers gives the same tree, with another cap
+  variables = jax.jit(CNN().init)(KEY, jnp.ones((1, 12, 12, 1)))
+  with pytest.warns(stac_optax.ModuleOrderWarning, match="probably lost"):
     part = stac_optax.partition_modules(variables)
   assert part.module_names == ("Conv_0", "Conv_1", "Dense_0", "Dense_1")
+  with _no_order_warning():
+    built = stac_optax.partition_modules(lambda: CNN().init(KEY, jnp.ones((1, 12, 12, 1))))
+  assert built.module_names == part.module_names
+
+
+def test_a_sorted_tree_that_allows_one_registration_order_does_not_warn():
+  variables = jax.jit(MLP().init)(KEY, jnp.ones((1, 3)))
+  small = {"params": {k: variables["params"][k] for k in ("Dense_0", "Dense_1", "Dense_2")}}
+  with _no_order_warning():  # Dense_0, Dense_1, Dense_2 can only have been made in that order
+    part = stac_optax.partition_modules(small, last_n_modules=1)
+  assert part.adamw_module_names == ("Dense_2",)
 
 
 def test_orbax_style_list_indices_as_string_keys_are_refused():

@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -191,11 +192,26 @@ def _cap_adam(state):
   return state.inner_state.inner_states["adamw"].inner_state[0]
 
 
-def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, seed=0):
-  """Both optimizers, identical gradients; every parameter and moment compared."""
+class UpdateRun(NamedTuple):
+  """What :func:`run_updates` leaves: both optimizers, the JAX params, and
+  the worst parameter difference over the steps."""
+
+  opt: Any
+  model: Any
+  state: Any
+  params: Any
+  worst: float
+
+
+def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, seed=0, device="cpu"):
+  """Both optimizers, identical gradients; every parameter and moment compared.
+
+  The PyTorch model steps on ``device``; JAX on its default device.
+  """
   tm, fm, _ = make_pair(name, seed)
   matches = torch_interop.match_parameters(tm, fm)
   params = torch_interop.flax_params(fm)
+  tm.to(device)
   opt = stac_optimizer.STAC(tm, **torch_kwargs)
   tx = stac_optax.stac(fm, trainable=trainable_of(tm, fm), **jax_kwargs)
   state = tx.init(params)
@@ -209,7 +225,7 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
       first = next(n for n, p in torch_params.items() if p.requires_grad)
       grads[first].flat[0] = np.nan
     for n, p in torch_params.items():
-      p.grad = torch.from_numpy(grads[n].copy()) if p.requires_grad else None
+      p.grad = torch.from_numpy(grads[n].copy()).to(device) if p.requires_grad else None
     opt.step()
     updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
     params = optax.apply_updates(params, updates)
@@ -222,7 +238,7 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
         if hasattr(adam, field)
     }
     for m in matches:
-      want = torch_params[m.torch_name].detach().numpy()
+      want = torch_params[m.torch_name].detach().cpu().numpy()
       np.testing.assert_allclose(got[m.torch_name], want, rtol=RTOL, atol=ATOL, err_msg=f"step {t} {m.torch_name}")
       worst = max(worst, float(np.abs(got[m.torch_name] - want).max()))
       torch_state = opt.state.get(torch_params[m.torch_name], {})
@@ -231,10 +247,10 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
       for key, values in moments.items():
         if in_cap:
           np.testing.assert_allclose(
-              m.to_torch(values[m.flax_name]), torch_state[key].numpy(), rtol=RTOL, atol=ATOL,
+              m.to_torch(values[m.flax_name]), torch_state[key].cpu().numpy(), rtol=RTOL, atol=ATOL,
               err_msg=f"step {t} {key} {m.torch_name}",
           )
-  return opt, state, worst
+  return UpdateRun(opt, tm, state, params, worst)
 
 
 CONFIGS = {
@@ -260,7 +276,7 @@ def _split_kwargs(config):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_updates_match_on_the_deep_classification_twin(config):
   torch_kwargs, jax_kwargs = _split_kwargs(CONFIGS[config])
-  _, _, worst = run_updates("deep_classification", torch_kwargs, jax_kwargs)
+  worst = run_updates("deep_classification", torch_kwargs, jax_kwargs).worst
   print(f"{config}: worst |diff| over {STEPS} steps = {worst:.2e}")
 
 
@@ -272,7 +288,7 @@ def test_updates_match_on_every_twin(name, config):
 
 
 def test_nonfinite_step_is_skipped_by_both():
-  opt, state, _ = run_updates("deep_classification", {"lr": 1e-2}, {"learning_rate": 1e-2}, nan_at=7)
+  opt, _, state, _, _ = run_updates("deep_classification", {"lr": 1e-2}, {"learning_rate": 1e-2}, nan_at=7)
   assert opt.nonfinite_skipped_steps == stac_optax.nonfinite_skipped_steps(state) == 1
   assert int(_cap_adam(state).count) == STEPS - 1
 
@@ -300,9 +316,9 @@ def test_error_if_nonfinite_raises_in_both(section, param):
 # -- the 0.1.x momentum variant against stac-optimizer 0.1.5 -------------------------
 
 
-@pytest.fixture(scope="module")
-def stac015():
-  """stac-optimizer 0.1.5, installed beside 0.3.0 by scripts/test.sh."""
+def load_stac015():
+  """stac-optimizer 0.1.5, installed beside 0.3.0 by scripts/test.sh (``pip
+  install --target``; the folder is ``$STAC_OPTIMIZER_015``)."""
   root = pathlib.Path(os.environ.get(
       "STAC_OPTIMIZER_015",
       pathlib.Path(__file__).resolve().parents[1] / ".venv" / "stac-optimizer-0.1.5",
@@ -312,6 +328,8 @@ def stac015():
       f"stac-optimizer 0.1.5 not found at {root}; scripts/test.sh installs it "
       "(or set STAC_OPTIMIZER_015 to a `pip install --target` folder)."
   )
+  if "stac_optimizer_015" in sys.modules:
+    return sys.modules["stac_optimizer_015"]
   spec = importlib.util.spec_from_file_location(
       "stac_optimizer_015", init, submodule_search_locations=[str(init.parent)]
   )
@@ -322,10 +340,20 @@ def stac015():
   return module
 
 
-def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps=STEPS, wd=1e-2, lr=1e-2):
+@pytest.fixture(scope="module")
+def stac015():
+  return load_stac015()
+
+
+def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps=STEPS, wd=1e-2, lr=1e-2,
+                         device="cpu"):
+  """stac-optimizer 0.1.5 (on ``device``) and the 0.1.x variant of stac_optax
+  on identical gradients: per step, ``(name, jax param, torch param,
+  (jax buffer, torch buffer) or None)`` for every parameter."""
   tm, fm, _ = make_pair(pair)
   matches = torch_interop.match_parameters(tm, fm)
   params = torch_interop.flax_params(fm)
+  tm.to(device)
   opt = stac015.STAC(tm, lr=lr, last_n_layers=1, sign_momentum=0.9, weight_decay=wd,
                      sign_state_dtype=None if state_dtype is None else torch.bfloat16)
   tx = stac_optax.stac(
@@ -341,7 +369,7 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
   for _ in range(steps):
     grads = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in torch_params.items()}
     for n, p in torch_params.items():
-      p.grad = torch.from_numpy(grads[n].copy())
+      p.grad = torch.from_numpy(grads[n].copy()).to(device)
     opt.step()
     updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
     params = optax.apply_updates(params, updates)
@@ -351,13 +379,13 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
     ))
     step_record = []
     for m in matches:
-      want = torch_params[m.torch_name].detach().numpy().copy()  # torch steps in place
+      want = torch_params[m.torch_name].detach().cpu().numpy().copy()  # torch steps in place
       torch_state = opt.state.get(torch_params[m.torch_name], {})
       buf = torch_state.get("sign_momentum_buffer")
       step_record.append((
           m.torch_name, got[m.torch_name], want,
           None if buf is None else (m.to_torch(np.asarray(buffers[m.flax_name], np.float32)),
-                                    buf.float().numpy().copy()),
+                                    buf.float().cpu().numpy().copy()),
       ))
     history.append(step_record)
   assert opt.partition.adamw_layer_names == ("head",)

@@ -206,9 +206,9 @@ def variables_from_torch(
   """Weights and running statistics together, ready to use.
 
   Returns:
-    For a linen variables dict, or a builder of one (``lambda:
-    model.init(key, x)``, which reads the creation order without running
-    the initializers): a variables dict with ``params`` and ``batch_stats``
+    For a linen variables dict, or a builder of one
+    (``lambda: model.init(key, x)``, which reads the creation order without
+    running the initializers): a variables dict with ``params`` and ``batch_stats``
     (other collections as they were, or as shapes for a builder). For an NNX module: an
     ``nnx.State`` of its ``nnx.Param`` and ``nnx.BatchStat`` variables, for
     ``nnx.update(model, state)``. For a params tree: the params.

@@ -125,7 +125,7 @@ class ParameterMatch:
 
   def to_torch(self, value: Any) -> np.ndarray:
     """A Flax-layout array as the PyTorch block it came from (numpy); the
-    whole parameter unless ``rows`` is set (see :func:`assemble`)."""
+    whole parameter unless ``rows`` is set (see ``assemble`` in this module)."""
     value = np.asarray(jax.device_get(value), dtype=np.float32)
     if self.layout == "transpose":
       return value.T
@@ -286,16 +286,16 @@ class MultiheadAttentionConverter(ModuleConverter):
   """``torch.nn.MultiheadAttention`` <-> ``nnx.MultiHeadAttention`` and
   linen ``MultiHeadDotProductAttention``.
 
-  ============================================  ==========================
+  ==============================================  =========================================
   PyTorch (``E`` = embed_dim = heads x head_dim)  Flax
-  ============================================  ==========================
-  ``in_proj_weight`` rows ``[0, E)``            ``query/kernel`` ``(d, heads, head_dim)``
-  rows ``[E, 2E)``, ``[2E, 3E)``                ``key/kernel``, ``value/kernel``
-  ``in_proj_bias`` (thirds)                     ``query/bias`` ... ``(heads, head_dim)``
-  ``q_proj_weight`` ... (``kdim``/``vdim`` set)  ``query/kernel`` ...
-  ``out_proj.weight`` ``(d, E)``                ``out/kernel`` ``(heads, head_dim, d)``
-  ``out_proj.bias``                             ``out/bias``
-  ============================================  ==========================
+  ==============================================  =========================================
+  ``in_proj_weight`` rows ``[0, E)``              ``query/kernel`` ``(d, heads, head_dim)``
+  rows ``[E, 2E)``, ``[2E, 3E)``                  ``key/kernel``, ``value/kernel``
+  ``in_proj_bias`` (thirds)                       ``query/bias`` ... ``(heads, head_dim)``
+  ``q_proj_weight`` ... (``kdim``/``vdim`` set)   ``query/kernel`` ...
+  ``out_proj.weight`` ``(d, E)``                  ``out/kernel`` ``(heads, head_dim, d)``
+  ``out_proj.bias``                               ``out/bias``
+  ==============================================  =========================================
 
   One PyTorch module with its ``out_proj`` (2 counted modules) becomes 4
   Flax modules. ``add_bias_kv`` (``bias_k``, ``bias_v``) has no Flax

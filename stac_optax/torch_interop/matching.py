@@ -3,7 +3,8 @@
 Two ways, chosen by ``match``:
 
 * ``"names"``: a parameter's module path is the leaf's (``blocks.5.fc2`` is
-  ``blocks/5/fc2``), its name follows the layout rule of its module's class.
+  ``blocks/5/fc2``, or ``blocks.5/fc2`` where linen named a list's modules
+  ``blocks.5``), its name follows the layout rule of its module's class.
 * ``"order"``: the counted modules (those that own a parameter) of both
   sides are paired in registration order, PyTorch's ``named_modules()``
   against the order :func:`stac_optax.partition_modules` reads from the
@@ -277,11 +278,13 @@ class _Pairing:
     self.params = dict(torch_module.named_parameters())
     self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
     self.leaves = leaves
+    self.dotted = dotted_key_names(leaves)
     self.layers = layers or {}
     self.matches: list[ParameterMatch] = []
     self.problems: list[str] = []
 
   def add(self, torch_name, flax_name, layout, rows=None) -> bool:
+    flax_name = self.dotted.get(flax_name, flax_name)
     if flax_name not in self.leaves:
       self.problems.append(f"{torch_name!r} -> {flax_name!r}: no such Flax leaf")
       return False
@@ -334,6 +337,26 @@ class _Pairing:
         )
         ok = False
     return ok
+
+
+def dotted_key_names(leaves: Mapping[str, Any]) -> dict[str, str]:
+  """Flax leaf names under the name they have when a dot inside a key is
+  read as a path separator, for the names that resolve to one leaf only.
+
+  Linen names the modules of a list ``blocks.0`` (one key with a dot), where
+  PyTorch's ``nn.ModuleList`` has two path parts: ``blocks.0.norm.scale``
+  is then the Flax leaf ``blocks.0/norm/scale``.
+
+  Example:
+    >>> dotted_key_names({'blocks.0/norm/scale': 0, 'head/kernel': 0})
+    {'blocks/0/norm/scale': 'blocks.0/norm/scale'}
+  """
+  found: dict[str, list[str]] = {}
+  for name in leaves:
+    if "." in name:
+      found.setdefault(name.replace(".", "/"), []).append(name)
+  return {split: names[0] for split, names in found.items()
+          if len(names) == 1 and split not in leaves}
 
 
 def _check_match_mode(match: str) -> None:

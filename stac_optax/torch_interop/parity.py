@@ -20,7 +20,13 @@ from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import _tree_from_values, params_from_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import match_parameters, partition_of, traces_builders_once
-from stac_optax.torch_interop.runs import _torch_split, flax_cap_size, trainable_from_torch
+from stac_optax.torch_interop.runs import (
+    ORDER_FIX,
+    _torch_split,
+    flax_cap_size,
+    split_difference,
+    trainable_from_torch,
+)
 from stac_optax.torch_interop.stacking import stack, unstack
 
 _CAP_ARGS = ("last_n_modules", "last_n_ratio", "adamw_ratio")
@@ -94,6 +100,7 @@ class ParityReport:
   flax_module_count: int = 0
   flax_last_n_modules_for_torch_cap: int | None = None
   batch: BatchParity | None = None
+  cap_difference: str = ""  # the first modules in one cap only, each side
 
   @property
   def ok(self) -> bool:
@@ -112,10 +119,12 @@ class ParityReport:
     lines = [
         f"STAC parity over {self.steps} steps{shared} (rtol={self.rtol:g}, atol={self.atol:g}): "
         + ("OK" if self.ok else "MISMATCH"),
-        f"cap in PyTorch: {', '.join(self.torch_cap) or 'none'}",
-        f"cap in Flax:    {', '.join(self.flax_cap) or 'none'}"
+        f"cap in PyTorch: {_names(self.torch_cap)}",
+        f"cap in Flax:    {_names(self.flax_cap)}"
         + ("" if self.partition_matches else "   <- differs"),
     ]
+    if not self.partition_matches and self.cap_difference:
+      lines.append(f"modules in one cap only: {self.cap_difference}")
     if self.torch_module_count != self.flax_module_count:
       lines.append(
           f"counted modules: {self.torch_module_count} in PyTorch, {self.flax_module_count} "
@@ -126,6 +135,11 @@ class ParityReport:
           f"PyTorch's cap is the last {self.flax_last_n_modules_for_torch_cap} Flax modules: "
           f"pass flax_last_n_modules={self.flax_last_n_modules_for_torch_cap} "
           f"(stac(..., last_n_modules={self.flax_last_n_modules_for_torch_cap}) in JAX)"
+      )
+    elif not self.partition_matches:
+      lines.append(
+          f"no Flax cap size gives PyTorch's cap: {ORDER_FIX} (check_parity(..., "
+          "module_order=...), and the same module_order= to stac)"
       )
     if self.batch is not None:
       b = self.batch
@@ -221,6 +235,11 @@ def check_parity(
   differs; and, in a second run, both frameworks stepping with their own
   gradients.
 
+  The PyTorch model may sit on any device (a CUDA GPU, say): the shared
+  gradients and batches are put on its device, and the Flax side runs on
+  JAX's default device, so that both implementations can be compared on
+  the same GPU.
+
   Args:
     torch_module: the PyTorch model.
     target: the Flax model (NNX module), linen variables or params tree.
@@ -278,6 +297,7 @@ def check_parity(
   layout = {"stacked_modules": stacked_modules, "module_order": module_order}
   how = {"name_map": name_map, "match": match, "converters": converters, **layout}
   module = copy.deepcopy(torch_module)
+  device = next((p.device for p in module.parameters()), "cpu")
   matches = match_parameters(module, target, **how)
   params = params_from_torch(module, target, **how)
   trainable = trainable_from_torch(module, matches)
@@ -298,6 +318,14 @@ def check_parity(
   same = partition_of(target, trainable, last_n_modules=n_equivalent, **layout)
   equivalent = n_equivalent if set(same.adamw_parameter_names) == torch_cap_flax else None
   torch_count = sum(len(v) for v in _torch_split(module, 0).values())
+  flax_name_of = {m.torch_name: owner(m) for m in matches}
+  cap_difference = split_difference(
+      [m.torch_name for m in matches
+       if m.torch_name in torch_cap_params and owner(m) not in set(partition.adamw_parameter_names)],
+      [m.torch_name for m in matches
+       if m.torch_name not in torch_cap_params and owner(m) in set(partition.adamw_parameter_names)],
+      flax_name_of,
+  )
 
   tx_kwargs = {k: v for k, v in stac_kwargs.items() if k not in _CAP_ARGS}
   tx = stac(partition, **tx_kwargs)
@@ -312,13 +340,13 @@ def check_parity(
     loss = torch_loss(mod, b)
     loss.backward()
     return float(loss.detach()), {
-        n: (p.grad.detach().float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+        n: (p.grad.detach().float().cpu().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
         for n, p in mod.named_parameters()
     }
 
   if batches is not None:
     grad_fn = _flax_grad_fn(target, flax_loss)
-    torch_batches = [jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)), b) for b in batches]
+    torch_batches = [jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)).to(device), b) for b in batches]
     flax_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
     initial_module, initial_params = copy.deepcopy(module), params
 
@@ -350,7 +378,7 @@ def check_parity(
         if differ.any():
           flip_max = max(flip_max, float(np.abs(want[differ]).max()))
     for name, p in module.named_parameters():
-      p.grad = torch.from_numpy(grads_np[name].copy()).to(p.dtype) if p.requires_grad else None
+      p.grad = torch.from_numpy(grads_np[name].copy()).to(p.device, p.dtype) if p.requires_grad else None
     optimizer.step()
     grads = _tree_from_values(
         params, stack({m.flax_name: m.to_flax(grads_np[m.torch_name]) for m in matches}, matches)
@@ -408,7 +436,14 @@ def check_parity(
       flax_cap=partition.adamw_module_names, partition_matches=partition_matches, parameters=rows,
       torch_module_count=torch_count, flax_module_count=len(partition.modules),
       flax_last_n_modules_for_torch_cap=equivalent, batch=batch_report,
+      cap_difference=cap_difference,
   )
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+  """``a, b, ... (n more)``, or ``none``."""
+  shown = ", ".join(names[:limit])
+  return (shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")) or "none"
 
 
 def _jitted_step(tx) -> Callable:

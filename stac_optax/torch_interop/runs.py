@@ -532,10 +532,50 @@ def flax_cap_size(partition, torch_cap: Sequence[str], matches) -> int:
   })
 
 
-def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
+def split_difference(
+    torch_only: Sequence[str], flax_only: Sequence[str], flax_name_of: Mapping[str, str],
+    limit: int = 3,
+) -> str:
+  """The first few modules on each side of a split that differs.
+
+  Args:
+    torch_only: PyTorch parameter names in the section in PyTorch only.
+    flax_only: PyTorch parameter names in the section in stac_optax only.
+    flax_name_of: PyTorch parameter name -> its Flax path.
+    limit: how many modules to name on each side.
+
+  Returns:
+    One sentence, e.g. ``in PyTorch only: 'blocks.2.gate' (Flax
+    'blocks_2/gate'); in stac_optax only: 'blocks.2.out' (Flax
+    'blocks_2/out')``; each side ends with how many more it holds.
+  """
+  def modules(torch_names: Sequence[str]) -> str:
+    found = dict.fromkeys(
+        (n.rpartition(".")[0] or partition_lib.ROOT,
+         flax_name_of.get(n, "").rpartition("/")[0] or partition_lib.ROOT)
+        for n in torch_names
+    )
+    shown = ", ".join(f"{t!r} (Flax {f!r})" for t, f in list(found)[:limit])
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return (shown + more) or "none"
+
+  return f"in PyTorch only: {modules(torch_only)}; in stac_optax only: {modules(flax_only)}"
+
+
+ORDER_FIX = (
+    "stac_optax counts the Flax modules in the registration order it reads "
+    "from the model; where that is not the order of PyTorch's named_modules() "
+    "(an __init__ that assigns them in another order, a model written "
+    "differently), give module_order= with every counted Flax module in "
+    "PyTorch's order"
+)
+
+
+def _check_same_split(torch_groups, partition, matches) -> None:
   aliases = dict(partition.parameter_aliases)
   owner = {t: {aliases.get(m.flax_name, m.flax_name) for m in ms} for t, ms in _by_torch_name(matches).items()}
   torch_of = {f: t for t, fs in owner.items() for f in fs}
+  flax_name_of = {t: sorted(fs)[0] for t, fs in owner.items() if fs}
   for role, flax_names in (
       ("sign", partition.sign_parameter_names),
       ("adamw", partition.adamw_parameter_names),
@@ -544,13 +584,13 @@ def _check_same_split(torch_groups, partition, matches, names: _Names) -> None:
     torch_names = tuple(group[1]["param_names"]) if group is not None else ()
     mapped = {f for n in torch_names for f in owner[n]}
     if mapped != set(flax_names):
-      only_torch = list(dict.fromkeys(torch_of[f] for f in sorted(mapped - set(flax_names))))
-      only_flax = list(dict.fromkeys(torch_of[f] for f in sorted(set(flax_names) - mapped)))
+      only_torch = list(dict.fromkeys(torch_of[f] for n in torch_names for f in sorted(owner[n])
+                                      if f not in set(flax_names)))
+      only_flax = list(dict.fromkeys(torch_of[f] for f in flax_names if f not in mapped))
       raise ValueError(
           f"the PyTorch and stac_optax partitions differ in the {role} section "
-          f"(the {_SECTION[role]}): in PyTorch only {names.many(only_torch)}, in "
-          f"stac_optax only {names.many(only_flax)}. PyTorch {sorted(mapped)} vs "
-          f"stac_optax {sorted(flax_names)}."
+          f"(the {_SECTION[role]}), "
+          + split_difference(only_torch, only_flax, flax_name_of) + ". " + ORDER_FIX + "."
       )
 
 
@@ -635,7 +675,7 @@ def from_torch(
       partition_of(target, trainable, last_n_modules=0, **layout), torch_cap, matches
   )
   partition = partition_of(target, trainable, last_n_modules=n_cap, **layout)
-  _check_same_split(groups, partition, matches, names)
+  _check_same_split(groups, partition, matches)
 
   params = params_from_torch(torch_module, target, **how)
   tx = stac(partition, **{k: v for k, v in kwargs.items() if k != "last_n_modules"})
@@ -760,7 +800,7 @@ def to_torch(
     ValueError: parameters that do not match, partitions that differ, a
       state PyTorch cannot continue (a trunk momentum buffer), or moments of
       other shapes.
-    TypeError: ``opt_state`` is not a :class:`STACState` (an
+    TypeError: ``opt_state`` is not a :class:`~stac_optax.STACState` (an
       ``nnx.Optimizer``'s ``optimizer.opt_state`` is one).
   """
   torch = _torch()
