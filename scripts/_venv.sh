@@ -31,6 +31,11 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     # built for another torch, and --no-deps keeps its torch pin out.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --upgrade --target "$venv/torchvision-0.29.1" "torchvision==0.29.1"
+    # Flax's own NNX tests and guides for the installed Flax version, from its
+    # source distribution (the wheel has neither): tests/test_flax_suites.py
+    # runs those that train with nnx.Optimizer, with STAC in place of their
+    # optax optimizer. Only tests/nnx and docs_nnx/guides are unpacked.
+    "$venv/bin/python" "$root/scripts/flax_sources.py" "$venv"
     # The registration-order corpus (tests/test_corpus.py): model definitions
     # this project did not write, each in a folder of its own. recurrentgemma
     # (Griffin in Flax and in PyTorch) with the packages it imports, at the

@@ -4,6 +4,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 export STAC_OPTIMIZER_015="${STAC_OPTIMIZER_015:-$venv/stac-optimizer-0.1.5}"
 export STAC_TORCHVISION="${STAC_TORCHVISION:-$venv/torchvision-0.29.1}"
+STAC_FLAX_SOURCE="${STAC_FLAX_SOURCE:-$venv/flax-$(python -c 'import flax; print(flax.__version__)')-src}"
+export STAC_FLAX_SOURCE
 export STAC_RECURRENTGEMMA="${STAC_RECURRENTGEMMA:-$venv/recurrentgemma-1.0.1}"
 export STAC_GEMMA_LLM="${STAC_GEMMA_LLM:-$venv/gemma-llm-1.0.0}"
 export STAC_FLAX_EXAMPLES="${STAC_FLAX_EXAMPLES:-$venv/flax-examples-0.12.8}"

@@ -18,17 +18,17 @@ against the caller's, naming the first module that moved).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from stac_optax import _tree
 from stac_optax import partition as partition_lib
+from stac_optax import state as state_lib
 from stac_optax.partition import ADAMW, SIGN, STACPartition
-from stac_optax.stac import STACState
 
-_GROUPS = ("sign", "adamw", "frozen")
 STATE_ITEM = "state"
 PARTITION_ITEM = "stac_partition"
 
@@ -36,6 +36,8 @@ PARTITION_ITEM = "stac_partition"
 def _child(node: Any, key: Any, where: str) -> Any:
   try:
     if isinstance(node, Mapping):
+      if key not in node and str(key) in node:  # Orbax restores int keys as strings
+        key = str(key)
       return node[key]
     if isinstance(key, str):
       return getattr(node, key)
@@ -47,33 +49,26 @@ def _child(node: Any, key: Any, where: str) -> Any:
     ) from None
 
 
-def _find_stac_states(opt_state: Any) -> list[Any]:
-  """STAC states inside ``opt_state`` (itself, or nested in a chain or wrapper)."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, STACState):
-      found.append(node)
-    elif isinstance(node, Mapping):
-      if "nonfinite_skipped_steps" in node and "inner_state" in node:
-        found.append(node)
-      else:
-        for value in node.values():
-          visit(value)
-    elif isinstance(node, (tuple, list)):
-      for value in node:
-        visit(value)
-
-  visit(opt_state)
-  return found
-
-
-def _names_and_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def _names_and_shapes(
+    tree: Any, known: Collection[str] | None = None
+) -> dict[str, tuple[int, ...]]:
+  """Leaf names and shapes of a tree in any form (see ``stac_optax._tree``)."""
   if tree is None:
     return {}
+  named = _tree.without_variable_values(_tree.leaves_with_names(tree), known)
+  return {name: tuple(np.shape(_tree.unbox(leaf))) for name, leaf in named}
+
+
+def _parameter_names(tree: Any, known: Collection[str]) -> set[str] | None:
+  """The names of ``tree``'s leaves that are parameters by default: all of
+  a plain tree's, the ``nnx.Param`` ones of an ``nnx.State``; ``None`` for
+  variables as Orbax restores them, whose types are gone."""
+  named = _tree.leaves_with_names(tree)
+  if _tree.without_variable_values(named, known) != named:
+    return None
   return {
-      name: tuple(np.shape(partition_lib._unbox(leaf)))  # pylint: disable=protected-access
-      for name, leaf in partition_lib.leaves_with_names(tree)
+      name for name, leaf in named
+      if _tree.parameter_role(leaf, None, in_nnx_module=_tree.is_nnx_state(tree))
   }
 
 
@@ -83,23 +78,29 @@ def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) 
   extra = sorted(set(got) - set(expected))
   missing = sorted(set(expected) - set(got))
   if extra:
-    problems.append(f"{what} has entries for parameters outside it: {partition_lib._short_list(extra)}")  # pylint: disable=protected-access
+    problems.append(f"{what} has entries for parameters outside it: {_tree.short_list(extra)}")
   if missing:
-    problems.append(f"{what} lacks entries for: {partition_lib._short_list(missing)}")  # pylint: disable=protected-access
+    problems.append(f"{what} lacks entries for: {_tree.short_list(missing)}")
   for name in sorted(set(got) & set(expected)):
     if expected[name] is not None and got[name] != expected[name]:
       problems.append(f"{what} of {name!r} has shape {got[name]}, the parameter {expected[name]}")
   return problems
 
 
-def _compare_params(part: STACPartition, params: Any) -> list[str]:
-  """Names and shapes of a params tree's trainable leaves against ``part``."""
-  got = _names_and_shapes(params)
+def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = False) -> list[str]:
+  """Names and shapes of a params tree's trainable leaves against ``part``.
+
+  ``params`` may be any form of the model's state (a params dict, an
+  ``nnx.State`` of the whole model, its pure dict, as restored by Orbax);
+  leaves that are no parameter there (batch statistics, RNG state) are not
+  reported as extra, nor is anything of a ``whole_model`` state.
+  """
   owner_of = dict(part.parameter_aliases)
-  got = {owner_of.get(n, n): shape for n, shape in got.items()}
+  known = set(part.trainable_array_names + part.frozen_parameter_names) | set(owner_of)
+  got = {owner_of.get(n, n): shape for n, shape in _names_and_shapes(params, known).items()}
   shapes = dict(part.parameter_shapes)
   problems = []
-  sections = {"sign": "trunk", "adamw": "cap"}
+  sections = {SIGN: "trunk", ADAMW: "cap"}
   for section in ("trunk", "cap"):
     names = [
         n for n in part.trainable_array_names
@@ -107,16 +108,17 @@ def _compare_params(part: STACPartition, params: Any) -> list[str]:
     ]
     missing = [n for n in names if n not in got]
     if missing:
-      problems.append(f"the params lack {section} parameter(s) {partition_lib._short_list(missing)}")  # pylint: disable=protected-access
+      problems.append(f"the params lack {section} parameter(s) {_tree.short_list(missing)}")
     reshaped = [
         f"{section} parameter {n!r} has shape {got[n]} in the params, {shapes[n]} in the partition"
         for n in names if n in got and n in shapes and got[n] != shapes[n]
     ]
     problems += reshaped[:4]
-  known = set(part.trainable_array_names + part.frozen_parameter_names)
-  extra = sorted(set(got) - known)
-  if extra:
-    problems.append(f"the params hold parameters outside the partition: {partition_lib._short_list(extra)}")  # pylint: disable=protected-access
+  candidates = None if whole_model else _parameter_names(params, known)
+  if candidates is not None:
+    extra = sorted({owner_of.get(n, n) for n in candidates} - known)
+    if extra:
+      problems.append(f"the params hold parameters outside the partition: {_tree.short_list(extra)}")
   return problems
 
 
@@ -135,6 +137,58 @@ def _moved_modules(part: STACPartition, cap_parameter_names: Sequence[str]) -> l
   return ["; ".join(moved[:4]) + (f" (and {len(moved) - 4} more moves)" if len(moved) > 4 else "")]
 
 
+def _partition(model_or_params_or_partition: Any, partition_kwargs: Mapping[str, Any]) -> STACPartition:
+  part = model_or_params_or_partition
+  if not isinstance(part, STACPartition) or partition_kwargs:
+    part = partition_lib.partition_modules(part, **partition_kwargs)
+  return part
+
+
+def _stac_views(opt_state: Any) -> list[state_lib.StateView]:
+  """The STAC states in ``opt_state``; refuses a tree with none, or with a
+  state whose partition groups are not STAC's."""
+  views = state_lib.find(opt_state)
+  if not views:
+    raise ValueError(
+        "not a STAC optimizer state: it holds no 'nonfinite_skipped_steps' "
+        f"(got {_tree.describe_form(opt_state)}); was it made by stac_optax.stac?"
+    )
+  for view in views:
+    if not view.is_stac:
+      raise ValueError(
+          f"not a STAC optimizer state: its partition groups are {sorted(view.groups)}, "
+          f"expected {list(state_lib.GROUPS)}."
+      )
+  return views
+
+
+def _state_problems(
+    view: state_lib.StateView, part: STACPartition, sign_momentum: float
+) -> list[str]:
+  owner_of = dict(part.parameter_aliases)
+  problems: list[str] = []
+  for field in ("mu", "nu", "nu_max"):
+    got = view.moments.get(field)
+    if got is None and field == "nu_max":
+      continue
+    got = dict(got or {})
+    if field == "mu":
+      problems += _moved_modules(part, [owner_of.get(n, n) for n in got])
+    problems += _compare(f"cap moments {field!r}", got, part.state_entries(ADAMW), owner_of)
+  if float(sign_momentum) == 0.0:
+    if view.momentum:
+      problems.append(
+          "the trunk holds per-parameter state (a momentum buffer for "
+          f"{_tree.short_list(sorted(view.momentum))}) where a state-free trunk "
+          "has none; pass sign_momentum= if the state was made with one"
+      )
+  else:
+    problems += _compare("trunk momentum", dict(view.momentum), part.state_entries(SIGN), owner_of)
+  if view.frozen:
+    problems.append(f"frozen parameters hold state: {sorted(view.frozen)}")
+  return problems
+
+
 def validate_state(
     opt_state: Any,
     model_or_params_or_partition: Any,
@@ -145,21 +199,25 @@ def validate_state(
 ) -> None:
   """Checks that a STAC optimizer state was made for this partition.
 
+  The state is read in every form it is kept in (see
+  ``stac_optax.state``): typed, inside a chain, a wrapper or a
+  ``TrainState``, as ``nnx.Optimizer.opt_state``, ``nnx.state(optimizer)``
+  or its pure dict, and as Orbax restores any of these without a template.
+
   The state-free trunk keeps nothing in the state, so the state alone cannot
   show a renamed or reshaped trunk parameter: give ``params`` (the params the
   state goes with, e.g. as saved beside it) to have every trainable
   parameter's name and shape, trunk included, checked against the partition.
 
   Args:
-    opt_state: the state of :func:`stac_optax.stac` (also inside a chain or
-      wrapper state), typed or as Orbax restores it without a template.
+    opt_state: the state of :func:`stac_optax.stac` in any of its forms.
     model_or_params_or_partition: the model, params or
       :class:`~stac_optax.STACPartition` the state should belong to.
     sign_momentum: the trunk momentum the state was made with; ``0`` (the
       default) means the trunk must hold no per-parameter state.
-    params: optional params tree (arrays or ``jax.ShapeDtypeStruct``) the
-      state goes with; its trainable parameters' names and shapes are
-      checked too.
+    params: optional params tree (arrays or ``jax.ShapeDtypeStruct``; a
+      params dict, or the model's ``nnx.State`` or pure dict) the state goes
+      with; its trainable parameters' names and shapes are checked too.
     **partition_kwargs: ``last_n_modules``, ``last_n_ratio``, ``trainable``,
       ... as given to :func:`stac_optax.stac`.
 
@@ -182,56 +240,14 @@ def validate_state(
     / 1 cap module, cap: Dense_3): module 'Dense_2' (#2 of 4) is in this
     partition's trunk but the state's cap; ...
   """
-  part = model_or_params_or_partition
-  if not isinstance(part, STACPartition) or partition_kwargs:
-    part = partition_lib.partition_modules(model_or_params_or_partition, **partition_kwargs)
-  states = _find_stac_states(opt_state)
-  if not states:
-    raise ValueError(
-        "not a STAC optimizer state: it holds no 'nonfinite_skipped_steps' "
-        f"(got {type(opt_state).__name__}); was it made by stac_optax.stac?"
-    )
-  owner_of = dict(part.parameter_aliases)
-
-  problems: list[str] = []
-  for state in states:
-    inner = _child(_child(state, "inner_state", ""), "inner_states", "inner_state")
-    keys = set(inner) if isinstance(inner, Mapping) else set()
-    if keys != set(_GROUPS):
-      raise ValueError(
-          f"not a STAC optimizer state: its partition groups are {sorted(keys)}, "
-          f"expected {list(_GROUPS)}."
-      )
-    cap = _child(_child(inner["adamw"], "inner_state", "adamw"), 0, "adamw/inner_state")
-    for field in ("mu", "nu", "nu_max"):
-      tree = cap.get(field) if isinstance(cap, Mapping) else getattr(cap, field, None)
-      if tree is None and field == "nu_max":
-        continue
-      got = _names_and_shapes(tree)
-      if field == "mu":
-        problems += _moved_modules(part, [owner_of.get(n, n) for n in got])
-      problems += _compare(
-          f"cap moments {field!r}", got, part.state_entries(ADAMW), owner_of,
-      )
-    trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
-    momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
-    got_trunk = _names_and_shapes(momentum)
-    if float(sign_momentum) == 0.0:
-      if got_trunk:
-        problems.append(
-            "the trunk holds per-parameter state (a momentum buffer for "
-            f"{partition_lib._short_list(sorted(got_trunk))}) where a state-free trunk "  # pylint: disable=protected-access
-            "has none; pass sign_momentum= if the state was made with one"
-        )
-    else:
-      problems += _compare(
-          "trunk momentum", got_trunk, part.state_entries(SIGN), owner_of
-      )
-    frozen = _names_and_shapes(_child(inner["frozen"], "inner_state", "frozen"))
-    if frozen:
-      problems.append(f"frozen parameters hold state: {sorted(frozen)}")
+  part = _partition(model_or_params_or_partition, partition_kwargs)
+  problems = [p for view in _stac_views(opt_state) for p in _state_problems(view, part, sign_momentum)]
   if params is not None:
     problems += _compare_params(part, params)
+  _raise_problems(part, problems)
+
+
+def _raise_problems(part: STACPartition, problems: Sequence[str]) -> None:
   if problems:
     raise ValueError(
         f"the optimizer state does not fit this STAC partition ({part.summary}): "
@@ -239,7 +255,87 @@ def validate_state(
     )
 
 
-def save_args(tree: Any, partition: STACPartition) -> Any:
+def _sign_momentum_of(tree: Any) -> float:
+  """``1.0`` where a STAC state in ``tree`` holds a trunk momentum buffer, else ``0``."""
+  return 1.0 if any(view.momentum for view in state_lib.find(tree)) else 0.0
+
+
+# --------------------------------------------------------------------------
+# Where the state and the params sit in a saved tree
+# --------------------------------------------------------------------------
+
+DEFAULT_PARAMS_KEY = "params"
+NNX_MODEL_KEY = "model"  # {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
+
+
+def _keys(key: str | Sequence[Any] | None) -> list[Any] | None:
+  if key is None:
+    return None
+  return [key] if isinstance(key, str) else list(key)
+
+
+def _at(tree: Any, keys: Sequence[Any]) -> Any:
+  """The subtree at ``keys``, or ``None`` where there is none."""
+  for key in keys:
+    try:
+      tree = _child(tree, key, "")
+    except ValueError:
+      return None
+  return tree
+
+
+def _params_in(tree: Any, params_key: str | Sequence[Any] | None) -> tuple[Any, bool]:
+  """The params saved in ``tree`` at ``params_key``; by default ``'params'``,
+  or, where the tree has none, the ``'model'`` entry of the NNX recipe.
+  Also whether they are a model's whole state (a ``'model'`` entry: batch
+  statistics and RNG state beside the parameters)."""
+  keys = _keys(params_key)
+  if keys is None:
+    return None, False
+  found = _at(tree, keys)
+  if found is None and params_key == DEFAULT_PARAMS_KEY:
+    keys = [NNX_MODEL_KEY]
+    found = _at(tree, keys)
+  return found, bool(keys) and keys[-1] == NNX_MODEL_KEY
+
+
+def _state_in(tree: Any, state_key: str | Sequence[Any] | None) -> Any:
+  """The tree's part holding the optimizer state: all of it by default."""
+  state = tree
+  for key in _keys(state_key) or []:
+    state = _child(state, key, "the checkpoint")
+  return state
+
+
+def _check_tree(
+    tree: Any,
+    part: STACPartition,
+    *,
+    state_key: str | Sequence[Any] | None,
+    params_key: str | Sequence[Any] | None,
+    sign_momentum: float | None,
+) -> bool:
+  """What :func:`restore` checks of a saved tree, and :func:`save` of the
+  tree it is about to write: the STAC state(s) and the params beside them
+  against ``part``. Returns whether params were there to check the trunk."""
+  state = _state_in(tree, state_key)
+  if sign_momentum is None:
+    sign_momentum = _sign_momentum_of(state)
+  params, whole_model = _params_in(tree, params_key)
+  problems = [p for view in _stac_views(state) for p in _state_problems(view, part, sign_momentum)]
+  if params is not None:
+    problems += _compare_params(part, params, whole_model=whole_model)
+  _raise_problems(part, problems)
+  return params is not None
+
+
+def save_args(
+    tree: Any,
+    partition: STACPartition,
+    *,
+    state_key: str | Sequence[Any] | None = None,
+    params_key: str | Sequence[Any] | None = DEFAULT_PARAMS_KEY,
+) -> Any:
   """Orbax arguments that save ``tree`` and the partition it was trained with.
 
   For ``ocp.CheckpointManager``: ``manager.save(step, args=save_args(tree,
@@ -248,13 +344,27 @@ def save_args(tree: Any, partition: STACPartition) -> Any:
   :func:`restore` and :func:`load_partition` read a step directory written
   this way.
 
+  ``tree`` is checked first as :func:`restore` will check it, so that a
+  checkpoint restore would refuse is never written: its STAC state (in any
+  form: typed, ``nnx.state(optimizer)``, its pure dict) and the params
+  beside it must fit ``partition``.
+
   Args:
-    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``.
+    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``,
+      a Flax ``TrainState``, or, for ``nnx.Optimizer``, ``{'model':
+      nnx.state(model), 'optimizer': nnx.state(optimizer)}`` (or the pure
+      dicts of both).
     partition: the partition of the optimizer (``partition_modules(...)``, or
       the one the optimizer was built from).
+    state_key: as for :func:`restore`.
+    params_key: as for :func:`restore`.
 
   Returns:
     An ``ocp.args.Composite``.
+
+  Raises:
+    ValueError: ``tree`` holds no STAC state, or one (or params) that does
+      not fit ``partition``.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
@@ -263,16 +373,15 @@ def save_args(tree: Any, partition: STACPartition) -> Any:
         f"partition must be a STACPartition (stac_optax.partition_modules(...)), "
         f"got {type(partition).__name__}."
     )
-  if _find_stac_states(tree):  # refuse now what restore would refuse later
-    try:
-      validate_state(tree, partition, sign_momentum=_sign_momentum_of(tree))
-    except ValueError as error:
-      raise ValueError(
-          f"not saving a checkpoint that could not be restored: {error} Save the "
-          "partition the optimizer was built from (stac(part, ...) with a cap "
-          "argument resolves another one: save partition_modules(part, "
-          "last_n_modules=...))."
-      ) from None
+  try:
+    _check_tree(tree, partition, state_key=state_key, params_key=params_key, sign_momentum=None)
+  except ValueError as error:
+    raise ValueError(
+        f"not saving a checkpoint that could not be restored: {error} Save the "
+        "partition the optimizer was built from (stac(part, ...) with a cap "
+        "argument resolves another one: save partition_modules(part, "
+        "last_n_modules=...))."
+    ) from None
   return ocp.args.Composite(
       **{
           STATE_ITEM: ocp.args.StandardSave(tree),
@@ -281,32 +390,35 @@ def save_args(tree: Any, partition: STACPartition) -> Any:
   )
 
 
-def _sign_momentum_of(tree: Any) -> float:
-  """``1.0`` where a STAC state in ``tree`` holds a trunk momentum buffer, else ``0``."""
-  for state in _find_stac_states(tree):
-    inner = _child(_child(state, "inner_state", ""), "inner_states", "inner_state")
-    trunk = _child(_child(inner["sign"], "inner_state", "sign"), 0, "sign/inner_state")
-    momentum = trunk.get("momentum") if isinstance(trunk, Mapping) else getattr(trunk, "momentum", None)
-    if momentum is not None and jax.tree.leaves(momentum):
-      return 1.0
-  return 0.0
-
-
-def save(path: Any, tree: Any, partition: STACPartition, *, force: bool = False) -> None:
+def save(
+    path: Any,
+    tree: Any,
+    partition: STACPartition,
+    *,
+    force: bool = False,
+    state_key: str | Sequence[Any] | None = None,
+    params_key: str | Sequence[Any] | None = DEFAULT_PARAMS_KEY,
+) -> None:
   """Saves ``tree`` with Orbax and the STAC partition beside it, and waits.
 
   The checkpoint directory holds the items ``state`` and ``stac_partition``
-  (see :func:`save_args`).
+  (see :func:`save_args`, which also says what is checked before writing).
 
   Args:
     path: the checkpoint directory (it must not exist unless ``force``).
-    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``.
+    tree: what to save, e.g. ``{'params': params, 'opt_state': opt_state}``
+      or ``{'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}``.
     partition: the partition of the optimizer.
     force: overwrite an existing checkpoint.
+    state_key: as for :func:`restore`.
+    params_key: as for :func:`restore`.
+
+  Raises:
+    ValueError: as :func:`save_args`; nothing is written then.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  args = save_args(tree, partition)
+  args = save_args(tree, partition, state_key=state_key, params_key=params_key)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(path, args, force=force)
 
@@ -345,18 +457,20 @@ def restore(
     abstract: Any,
     model_or_params_or_partition: Any = None,
     *,
-    state_key: str | Sequence[Any] = "opt_state",
-    params_key: str | Sequence[Any] | None = "params",
+    state_key: str | Sequence[Any] | None = None,
+    params_key: str | Sequence[Any] | None = DEFAULT_PARAMS_KEY,
     checkpointer: Any | None = None,
-    sign_momentum: float = 0.0,
+    sign_momentum: float | None = None,
     **partition_kwargs: Any,
 ) -> Any:
   """Restores an Orbax checkpoint after checking its STAC state.
 
-  The checkpoint is read once as saved, its optimizer state (at
-  ``state_key``) is checked with :func:`~stac_optax.validate_state`, and it is then
-  restored into ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays,
-  e.g. ``{'params': params, 'opt_state': tx.init(params)}``).
+  The checkpoint is read once as saved, its optimizer state is checked with
+  :func:`~stac_optax.validate_state`, and it is then restored into
+  ``abstract`` (a tree of ``jax.ShapeDtypeStruct`` or arrays: ``{'params':
+  params, 'opt_state': tx.init(params)}``, or ``{'model': nnx.state(model),
+  'optimizer': nnx.state(optimizer)}`` of a model and optimizer built fresh,
+  e.g. under ``nnx.eval_shape``; the pure dicts of both work too).
 
   The params saved beside the state and those of ``abstract`` (at
   ``params_key``) are checked as well, trunk included.
@@ -375,15 +489,21 @@ def restore(
       a builder or a :class:`~stac_optax.STACPartition`. Optional for a
       checkpoint that carries its partition.
     state_key: key (or sequence of keys) of the optimizer state in the saved
-      tree.
+      tree; ``None`` (default): every STAC state in it, wherever it sits
+      (``'opt_state'``, ``'optimizer'``, inside a ``TrainState``).
     params_key: key (or keys) of the params in the saved tree and in
       ``abstract``; where present, both are checked against the partition,
       trunk parameters included (the optimizer state alone holds nothing for
-      the trunk). ``None``: not checked. A checkpoint without params there is
-      restored with a warning that the trunk could not be checked.
+      the trunk). The default ``'params'`` also finds the ``'model'`` entry
+      of a tree without ``'params'`` (``{'model': nnx.state(model), ...}``,
+      whose batch statistics and RNG state are not taken for parameters).
+      ``None``: not checked. A checkpoint without params there is restored
+      with a warning that the trunk could not be checked.
     checkpointer: an ``orbax.checkpoint`` checkpointer for a plain Orbax
       checkpoint; default ``StandardCheckpointer()``.
-    sign_momentum: as for :func:`~stac_optax.validate_state`.
+    sign_momentum: as for :func:`~stac_optax.validate_state`; ``None``
+      (default): as the state in ``abstract`` holds it (a trunk buffer or
+      none), else as saved.
     **partition_kwargs: as for :func:`~stac_optax.validate_state`.
 
   Returns:
@@ -411,25 +531,17 @@ def restore(
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  keys = [state_key] if isinstance(state_key, str) else list(state_key)
   template = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  if sign_momentum is None and state_lib.find(abstract):
+    sign_momentum = _sign_momentum_of(_state_in(abstract, state_key))
+  check = dict(state_key=state_key, params_key=params_key, sign_momentum=sign_momentum)
   if _partition_dir(path).exists():
     saved_partition = load_partition(path)
     if model_or_params_or_partition is not None:
-      given = model_or_params_or_partition
-      if not isinstance(given, STACPartition) or partition_kwargs:
-        given = partition_lib.partition_modules(given, **partition_kwargs)
-      moved = saved_partition.difference(given)
-      if moved is not None:
-        raise ValueError(
-            f"the checkpoint at {str(path)!r} was trained with another STAC "
-            f"partition ({saved_partition.summary}) than the one given "
-            f"({given.summary}): {moved}. Build the optimizer from the saved "
-            "one: stac_optax.stac(stac_optax.checkpoint.load_partition(path), ...)."
-        )
+      _check_same_partition(path, saved_partition, _partition(model_or_params_or_partition, partition_kwargs))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as composite:
       saved = composite.restore(path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))[STATE_ITEM]
-      _check_saved(path, saved, abstract, keys, params_key, saved_partition, sign_momentum)
+      _check_saved(path, saved, abstract, saved_partition, **check)
       return composite.restore(
           path, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(template)})
       )[STATE_ITEM]
@@ -439,44 +551,45 @@ def restore(
         f"the checkpoint at {str(path)!r} holds no saved STAC partition; give "
         "the model, params or partition the state must fit."
     )
-  part = model_or_params_or_partition
-  if not isinstance(part, STACPartition) or partition_kwargs:
-    part = partition_lib.partition_modules(part, **partition_kwargs)
+  part = _partition(model_or_params_or_partition, partition_kwargs)
   checkpointer = checkpointer or ocp.StandardCheckpointer()
   saved = checkpointer.restore(path)
-  _check_saved(path, saved, abstract, keys, params_key, part, sign_momentum)
+  _check_saved(path, saved, abstract, part, **check)
   return checkpointer.restore(path, template)
 
 
-def _at(tree: Any, keys: Sequence[Any]) -> Any:
-  """The subtree at ``keys``, or ``None`` where there is none."""
-  for key in keys:
-    try:
-      tree = _child(tree, key, "")
-    except ValueError:
-      return None
-  return tree
+def _check_same_partition(path: Any, saved: STACPartition, given: STACPartition) -> None:
+  moved = saved.difference(given)
+  if moved is not None:
+    raise ValueError(
+        f"the checkpoint at {str(path)!r} was trained with another STAC "
+        f"partition ({saved.summary}) than the one given "
+        f"({given.summary}): {moved}. Build the optimizer from the saved "
+        "one: stac_optax.stac(stac_optax.checkpoint.load_partition(path), ...)."
+    )
 
 
-def _check_saved(path, saved, abstract, keys, params_key, part, sign_momentum) -> None:
-  """The saved state against ``part``; the saved and the template's params
-  (at ``params_key``) too, trunk included, where the trees have them."""
-  state = saved
-  for key in keys:
-    state = _child(state, key, "the checkpoint")
-  params_keys = [] if params_key is None else (
-      [params_key] if isinstance(params_key, str) else list(params_key))
-  saved_params = _at(saved, params_keys) if params_keys else None
-  validate_state(state, part, sign_momentum=sign_momentum, params=saved_params)
-  template_params = _at(abstract, params_keys) if params_keys else None
+def _check_saved(path, saved, abstract, part, *, state_key, params_key, sign_momentum) -> None:
+  """The saved tree against ``part`` (see :func:`_check_tree`), and the
+  template's params too, where it has them."""
+  checked_trunk = _check_tree(
+      saved, part, state_key=state_key, params_key=params_key, sign_momentum=sign_momentum
+  )
+  template_params, whole_model = _params_in(abstract, params_key)
+  problems = [
+      p for view in state_lib.find(_state_in(abstract, state_key))
+      for p in _state_problems(view, part, _sign_momentum_of(_state_in(abstract, state_key)))
+  ]
   if template_params is not None:
-    problems = _compare_params(part, template_params)
-    if problems:
-      raise ValueError(
-          f"the template to restore into does not fit the checkpoint's STAC "
-          f"partition ({part.summary}): " + "; ".join(problems) + "."
-      )
-  if saved_params is None:
+    problems += _compare_params(part, template_params, whole_model=whole_model)
+  if problems:
+    raise ValueError(
+        f"the template to restore into does not fit the checkpoint's STAC "
+        f"partition ({part.summary}): " + "; ".join(problems) + ". Build the "
+        "optimizer of the template from the saved partition: "
+        "stac_optax.stac(stac_optax.checkpoint.load_partition(path), ...)."
+    )
+  if not checked_trunk and params_key is not None:
     warnings.warn(
         f"the checkpoint at {str(path)!r} holds no params at {params_key!r}: the "
         "trunk's parameter names and shapes could not be checked (the state-free "

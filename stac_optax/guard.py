@@ -34,6 +34,7 @@ import optax
 from stac_optax import _tree, held_signs
 from stac_optax import partition as partition_lib
 from stac_optax import stacked as stacked_lib
+from stac_optax import state as state_lib
 from stac_optax.partition import ADAMW, SIGN, STACPartition
 
 _SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
@@ -94,38 +95,30 @@ def leaf_is_finite(leaves: Sequence[jax.Array]) -> jax.Array:
   return jnp.isfinite(jnp.stack([_nonfinite_sum(x) for x in leaves]))
 
 
-def _is_sparse(x: Any) -> bool:
-  try:
-    from jax.experimental import sparse  # pylint: disable=import-outside-toplevel
-  except ImportError:  # pragma: no cover
-    return False
-  return isinstance(x, sparse.JAXSparse)
-
-
 def _refuse_sparse(updates: Any) -> None:
   """Refuses sparse gradients (``jax.experimental.sparse``), as PyTorch does.
 
   A ``BCOO`` is a pytree of its data and indices, so it would reach the
   labels as two unknown leaves; this check runs first, while tracing, so it
-  holds eagerly and under ``jax.jit`` alike.
+  holds eagerly and under ``jax.jit`` alike, and it finds a sparse gradient
+  in every form of tree, also inside the ``nnx.Param`` of an ``nnx.State``.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=lambda x: _is_sparse(x) or partition_lib.is_parameter_leaf(x)
-  )
-  sparse_paths = [partition_lib.path_name(p) for p, leaf in flat if _is_sparse(leaf)]
-  if sparse_paths:
+  found = _tree.sparse_leaves(updates)
+  if found:
     raise TypeError(
         f"STAC takes dense gradients; the gradient at "
-        f"{partition_lib._short_list(sparse_paths)} is sparse "  # pylint: disable=protected-access
-        f"({type(next(leaf for _, leaf in flat if _is_sparse(leaf))).__name__}). "
+        f"{_tree.short_list([name for name, _ in found])} is sparse "
+        f"({type(found[0][1]).__name__}). "
         "Densify it first: jax.tree.map(lambda g: g.todense() if isinstance(g, "
         "sparse.JAXSparse) else g, grads, is_leaf=lambda g: isinstance(g, "
-        "sparse.JAXSparse)). (PyTorch's STAC refuses sparse gradients too.)"
+        "sparse.JAXSparse)); for an nnx.State of gradients, map over its "
+        "values: jax.tree.map(..., nnx.to_pure_dict(grads)). (PyTorch's STAC "
+        "refuses sparse gradients too.)"
     )
 
 
-def _raise_nonfinite(section: str, name: str) -> None:
-  raise NonFiniteGradientError(
+def _nonfinite_message(section: str, name: str) -> str:
+  return (
       f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
       f"first at {name!r}; no parameter or optimizer state was changed."
   )
@@ -139,13 +132,16 @@ def _raise_first_nonfinite(
   ``ok`` is the vector of :func:`leaf_is_finite` (on the host); ``sections``
   holds each section's positions in it and its leaves' path names, the trunk
   first, as the reference checks it. Called eagerly, and as the host
-  callback of a jitted step.
+  callback of a jitted step. It raises itself, so that under ``jax.jit``,
+  where JAX reports the callback's exception after the traceback of the
+  callback (``INTERNAL: CpuCallback error calling callback: Traceback
+  ...``), one frame of stac_optax stands between JAX's and the message.
   """
   ok = np.asarray(ok)
   for section, positions, names in sections:
     bad = np.flatnonzero(~ok[list(positions)])
     if bad.size:
-      _raise_nonfinite(section, names[int(bad[0])])
+      raise NonFiniteGradientError(_nonfinite_message(section, names[int(bad[0])]))
 
 
 def guard_nonfinite(
@@ -332,10 +328,12 @@ def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
 
   Works on the state of :func:`stac_optax.stac` itself and on any state that
   contains it (``optax.chain``, ``optax.MultiSteps``,
-  ``optax.inject_hyperparams``, ``nnx.Optimizer.opt_state``).
+  ``optax.inject_hyperparams``, a Flax ``TrainState``), in every form it is
+  kept in: ``nnx.Optimizer.opt_state``, ``nnx.state(optimizer)`` and its
+  pure dict, and as Orbax restores it (see ``stac_optax.state``).
 
   Raises:
-    ValueError: ``opt_state`` holds no STAC state.
+    ValueError: ``opt_state`` holds no STAC state, or several.
 
   Example:
     >>> import jax.numpy as jnp
@@ -348,7 +346,4 @@ def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
     >>> stac_optax.nonfinite_skipped_steps(state)
     1
   """
-  found = optax.tree_utils.tree_get(opt_state, "nonfinite_skipped_steps")
-  if found is None:
-    raise ValueError("opt_state holds no STAC state (no 'nonfinite_skipped_steps').")
-  return int(partition_lib._unbox(found))  # pylint: disable=protected-access
+  return state_lib.skipped_steps(opt_state)

@@ -76,6 +76,9 @@ class Discovery:
     from_builder: the model came from a builder.
     sorted_subtrees: parts of a dict-ordered tree in sorted key order, where
       the rest is not (see :func:`check_tree_order`); the caller warns.
+    trains: for each parameter, whether it trains by the ``candidate``
+      filter (decided on the leaf as the model holds it, see
+      ``stac_optax._tree.parameter_role``); ``None`` when not recorded.
   """
 
   node_paths: list[Path]
@@ -84,6 +87,7 @@ class Discovery:
   dict_ordered: frozenset[Path] = frozenset()
   from_builder: bool = False
   sorted_subtrees: tuple[Path, ...] = ()
+  trains: list[bool] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -117,8 +121,11 @@ def discover(
       ``check_order`` is false, i.e. an explicit order follows).
     check_order: detect a lost order (warn or raise); false when the caller
       has an explicit ``module_order``.
-    candidate: for NNX models, a predicate ``(path, variable) -> bool`` (an
-      NNX filter) whose variables are candidates besides ``nnx.Param``.
+    candidate: a predicate ``(path, value) -> bool`` (an NNX filter, read
+      as ``nnx.state`` reads it): for NNX models, the variables, plain
+      arrays and mutable arrays it selects are candidates besides
+      ``nnx.Param``; every parameter's verdict is kept in
+      :attr:`Discovery.trains`.
 
   Returns:
     A :class:`Discovery`.
@@ -143,6 +150,7 @@ def _discover_value(
         "parameters until it is initialised; give its variables "
         "(model.init(key, x)) or, best, a builder: lambda: model.init(key, x)."
     )
+  _tree.refuse_optimizer_state(obj, what)
   if _tree.is_nnx_state(obj) and check_order:
     raise ModuleOrderError(
         "an nnx.State is sorted by key and has lost the modules' creation "
@@ -151,15 +159,11 @@ def _discover_value(
     )
   if _tree.is_nnx_module(obj):
     return _discover_nnx(obj, check_order, candidate, from_builder)
-  found, levels = _discover_tree(_params_tree(obj), record)
+  found, levels = _discover_tree(_tree.parameter_tree(obj), record, candidate)
   if check_order:
     subtrees = check_tree_order(levels, found.parameters, from_builder=from_builder)
     found = dataclasses.replace(found, sorted_subtrees=subtrees)
   return found
-
-
-def _params_tree(obj: Any) -> Any:
-  return obj["params"] if _tree.looks_like_linen_variables(obj) else obj
 
 
 # --------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def _trace_builder(
     _check_built(built)
     if _tree.is_nnx_module(built) or not record:
       record = None
-    elif need_record and not linen_order.covers(record, _params_tree(built)):
+    elif need_record and not linen_order.covers(record, _tree.parameter_tree(built)):
       result.append(None)
       return
     found = _discover_value(
@@ -333,9 +337,24 @@ def _discover_nnx(
 
   node_paths: list[Path] = []
   parameters: list[tuple[Path, Any]] = []
+  trains: list[bool] = []
   owner: dict[int, Path] = {}
   visited: set[int] = set()
   unknown_order: list[str] = []
+
+  def consider(path: Path, leaf: Any) -> None:
+    """A variable or array the module holds: a parameter where
+    :func:`~stac_optax._tree.parameter_role` says so (a shared one at its
+    first owner only; NNX lists a plain array at each of its paths)."""
+    if not isinstance(leaf, (jax.Array, np.ndarray)):
+      if id(leaf) in owner:
+        return
+      owner[id(leaf)] = path
+    selected = None if candidate is None else bool(candidate(path, leaf))
+    role = _tree.parameter_role(leaf, selected, in_nnx_module=True)
+    if role is not None:
+      parameters.append((path, leaf))
+      trains.append(role)
 
   def ordered_children(node: Any) -> tuple[list[tuple[Hashable, Any]], bool]:
     children = list(graph.get_node_impl(node).node_dict(node).items())
@@ -361,14 +380,11 @@ def _discover_nnx(
       child_path = (*path, key)
       before = len(parameters)
       if isinstance(child, nnx.Variable):
-        if id(child) not in owner:
-          owner[id(child)] = child_path
-          if isinstance(child, nnx.Param) or (
-              candidate is not None and candidate(child_path, child)
-          ):
-            parameters.append((child_path, child))
+        consider(child_path, child)
       elif graph.is_node(child):
         visit(child, child_path)
+      elif _tree.is_nnx_array(child):
+        consider(child_path, child)
       owning_children += len(parameters) > before
     if not known and owning_children > 1:
       unknown_order.append(_tree.module_name(path))
@@ -386,14 +402,14 @@ def _discover_nnx(
   # traversal meets first; map that path to the first owner in creation order.
   aliases: dict[str, str] = {}
   seen: set[int] = set()
-  found = {id(leaf) for _, leaf in parameters}
+  found = {id(leaf) for _, leaf in parameters if id(leaf) in owner}
   for path, value in graph.iter_graph(model):
     if id(value) in found and id(value) not in seen:
       seen.add(id(value))
       tree_name, owner_name = _tree.path_name(path), _tree.path_name(owner[id(value)])
       if tree_name != owner_name:
         aliases[tree_name] = owner_name
-  return Discovery(node_paths, parameters, aliases)
+  return Discovery(node_paths, parameters, aliases, trains=trains)
 
 
 # --------------------------------------------------------------------------
@@ -402,20 +418,33 @@ def _discover_nnx(
 
 
 def _discover_tree(
-    tree: Any, record: linen_order.LinenOrder | None = None
+    tree: Any, record: linen_order.LinenOrder | None = None, candidate: Any = None
 ) -> tuple[Discovery, list[tuple[Path, list[Hashable]]]]:
   """Pre-order walk of a tree. Each dict level is taken in the order
   ``record`` gives it where it names all its keys, else in insertion order;
-  also returns the keys of the levels taken in insertion order."""
+  also returns the keys of the levels taken in insertion order.
+
+  Every leaf is a parameter, except NNX variables that are no parameter by
+  ``stac_optax._tree.parameter_role`` (``BatchStat``, RNG state in an
+  ``nnx.State``, unless ``candidate`` selects them).
+  """
   node_paths: list[Path] = []
   parameters: list[tuple[Path, Any]] = []
+  trains: list[bool] = []
   levels: list[tuple[Path, list[Hashable]]] = []
+
+  def leaf(path: Path, node: Any) -> None:
+    selected = None if candidate is None else bool(candidate(path, node))
+    role = _tree.parameter_role(node, selected, in_nnx_module=False)
+    if role is not None:
+      parameters.append((path, node))
+      trains.append(role)
 
   def visit(node: Any, path: Path) -> None:
     if node is None:
       return
     if _tree.is_parameter_leaf(node):
-      parameters.append((path, node))
+      leaf(path, node)
       return
     if isinstance(node, Mapping):
       keys = list(node)
@@ -432,7 +461,7 @@ def _discover_tree(
           node, is_leaf=lambda x: x is not node
       )
       if len(flat) == 1 and flat[0][0] == () and flat[0][1] is node:
-        parameters.append((path, node))  # a leaf
+        leaf(path, node)
         return
       children = [(_tree.key_str(p[0]), child) for p, child in flat]
     node_paths.append(path)
@@ -442,7 +471,9 @@ def _discover_tree(
   visit(tree, ())
   if parameters and parameters[0][0] == ():  # a bare array as the whole params
     node_paths.append(())  # is the root module's parameter, named ''
-  found = Discovery(node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels))
+  found = Discovery(
+      node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels), trains=trains
+  )
   return found, levels
 
 

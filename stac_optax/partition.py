@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stac_optax import _tree
 from stac_optax import order as order_lib
 from stac_optax import stacked as stacked_lib
 from stac_optax._tree import (  # noqa: F401  (the helpers' old home, still imported here)
@@ -465,7 +466,7 @@ class STACPartition:
     names = [(path_name(path), unit) for path, unit in flat]
     unknown = [name for name, _ in names if name not in self._label_of]
     if unknown:
-      raise ValueError(self._unknown_message(unknown))
+      raise ValueError(self._unknown_message(unknown, tree))
     shapes = dict(self.parameter_shapes)
     reshaped, whole = [], []
     for name, unit in names:
@@ -572,12 +573,23 @@ class STACPartition:
 
     return jax.tree_util.tree_map_with_path(join, tree, is_leaf=stacked_lib.is_unit)
 
-  def _unknown_message(self, unknown: Sequence[str]) -> str:
+  def _unknown_message(self, unknown: Sequence[str], tree: Any = None) -> str:
     hint = ""
     if any(name.startswith("params/") for name in unknown):
       hint = (
           " The partition of a linen variables dict is relative to its "
           "'params' collection: give variables['params'] to the optimizer."
+      )
+    elif tree is not None and _tree.is_nnx_state(tree):
+      kinds = sorted({
+          type(leaf).__name__ for name, leaf in leaves_with_names(tree)
+          if name in set(unknown) and _tree.is_nnx_variable(leaf)
+      })
+      hint = (
+          f" The tree is an nnx.State holding {', '.join(kinds) or 'variables'} "
+          "beside the parameters (nnx.state(model) holds every variable): give "
+          "the state of what trains, nnx.state(model, wrt) with the wrt of "
+          "the optimizer (nnx.Param by default), or pass the same wrt to stac."
       )
     known = sorted(self._label_of)
     return (
@@ -786,14 +798,23 @@ class STACPartition:
 
 
 _TRAINABLE_FORMS = (
-    "trainable (or wrt) must be an NNX filter (a Variable type such as "
-    "nnx.Param or nnx.LoRAParam, a tuple of them, nnx.All / nnx.Any / nnx.Not, "
+    "trainable must be an NNX filter (a Variable type such as nnx.Param or "
+    "nnx.LoRAParam, a tuple of them, nnx.All / nnx.Any / nnx.Not, "
     "nnx.PathContains, nnx.PathIn, ...), a callable (path name, leaf) -> bool, "
     "or a tree of bools with the parameters' paths"
+)
+_WRT_FORMS = (
+    "wrt takes what nnx.Optimizer's wrt and nnx.state take: a Variable type "
+    "(nnx.Param), a tag string, ..., True/False, nnx.All / nnx.Any / nnx.Not, "
+    "nnx.PathContains, nnx.PathIn, a tuple or list of filters, or a function "
+    "(path: tuple of keys, value) -> bool; for a callable (path name, leaf) "
+    "or a tree of bools, use trainable="
 )
 
 
 def _is_nnx_filter(obj: Any) -> bool:
+  """An NNX filter object (a ``Variable`` type, ``nnx.All``, a tag, ...): the
+  non-callable forms and Flax's filter classes, as ``trainable`` reads them."""
   try:
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from flax.nnx import filterlib  # pylint: disable=import-outside-toplevel
@@ -813,7 +834,9 @@ def _is_nnx_filter(obj: Any) -> bool:
 
 
 def nnx_filter_predicate(trainable: Any) -> Any:
-  """The predicate ``(path, variable) -> bool`` of an NNX filter, else ``None``.
+  """The predicate ``(path, value) -> bool`` of an NNX filter given as
+  ``trainable``, else ``None`` (a callable ``(path name, leaf)`` or a tree of
+  bools, which :func:`partition_modules` reads itself).
 
   Filters are what ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.state``
   take: ``Variable`` types, tuples of filters, ``nnx.All`` / ``nnx.Any`` /
@@ -826,19 +849,37 @@ def nnx_filter_predicate(trainable: Any) -> Any:
           f"type; {_TRAINABLE_FORMS}."
       )
     return None
+  return wrt_predicate(trainable)
+
+
+def wrt_predicate(wrt: Any) -> Any:
+  """The predicate of ``wrt``, read exactly as ``nnx.state(model, wrt)`` and
+  ``nnx.Optimizer(model, tx, wrt=wrt)`` read it: a function is Flax's
+  ``(path, value) -> bool``, where ``path`` is the tuple of keys
+  (``('layers', 0, 'kernel')``) and ``value`` the ``Variable`` (or the plain
+  or mutable array) itself.
+
+  Raises:
+    TypeError: ``wrt`` is no NNX filter (a tree of bools, a number, ...).
+  """
   from flax.nnx import filterlib  # pylint: disable=import-outside-toplevel
 
-  return filterlib.to_predicate(tuple(trainable) if isinstance(trainable, list) else trainable)
+  if isinstance(wrt, Mapping) or (
+      not callable(wrt) and not isinstance(wrt, (str, type, bool, list, tuple)) and wrt is not Ellipsis
+  ):
+    raise TypeError(f"{_WRT_FORMS}; got {wrt!r}.")
+  try:
+    return filterlib.to_predicate(tuple(wrt) if isinstance(wrt, list) else wrt)
+  except (TypeError, ValueError):
+    raise TypeError(f"{_WRT_FORMS}; got {wrt!r}.") from None
 
 
-def _trainable_mask(
-    trainable: TrainableSpec, parameters: list[tuple[Path, Any]], predicate: Any = None
-) -> list[bool]:
+def _trainable_mask(trainable: TrainableSpec, parameters: list[tuple[Path, Any]]) -> list[bool]:
+  """Which parameters ``trainable`` trains: ``None`` (all), a callable
+  ``(path name, leaf) -> bool`` or a tree of bools."""
   names = [path_name(p) for p, _ in parameters]
   if trainable is None:
     return [True] * len(parameters)
-  if predicate is not None:
-    return [bool(predicate(tuple(path), leaf)) for path, leaf in parameters]
   if callable(trainable) and not _is_nnx_module(trainable):
     out = []
     for name, (_, leaf) in zip(names, parameters, strict=True):
@@ -912,7 +953,8 @@ def partition_modules(
       in every case. Or the model itself: a Flax NNX ``Module``; a linen
       params dict as returned by ``Module.init`` (the ``params`` collection,
       or the whole variables dict, whose ``params`` is then used); a plain
-      nested dict (lists and tuples allowed) of arrays; or a
+      nested dict (lists and tuples allowed) of arrays; a Flax
+      ``TrainState`` (its ``params``); or a
       :class:`STACPartition`, returned as it is, or with its cap resolved
       again when a cap argument is given. See ``docs/optimizer.md``, "Where
       the order comes from".
@@ -923,11 +965,14 @@ def partition_modules(
       to ``nnx.Optimizer(model, tx, wrt=...)`` (``nnx.LoRAParam``,
       ``(nnx.Param, MyVariable)``, ``nnx.All(nnx.Param,
       nnx.Not(nnx.PathContains('backbone')))``, ...); a callable ``(path
-      name, leaf) -> bool``; or a tree of bools with the parameters' paths.
+      name, leaf) -> bool`` (the ``/``-joined name; for Flax's ``(path,
+      value)`` functions, use ``wrt``); or a tree of bools with the
+      parameters' paths.
       Others are frozen: not counted, never updated, no optimizer state. For
       NNX modules the candidates are ``nnx.Param`` variables and whatever
-      variables the filter selects. With a builder, the callable sees
-      ``jax.ShapeDtypeStruct`` leaves (NNX variables keep their type).
+      the filter selects (other variables, plain and mutable arrays). With a
+      builder, the callable sees ``jax.ShapeDtypeStruct`` leaves (NNX
+      variables keep their type).
     module_order: an explicit registration order: every counted module path
       (``<root>`` for root-owned parameters) exactly once. For trees whose
       dict order is not the creation order (anything rebuilt by
@@ -937,8 +982,10 @@ def partition_modules(
       once (``blocks/up``), an order that then holds in every layer. A
       linen builder needs none: the block's registration order is read
       from Flax's module tree while it is traced.
-    wrt: ``trainable`` under the name ``nnx.Optimizer`` gives it; give one
-      of the two.
+    wrt: exactly the ``wrt`` of ``nnx.Optimizer(model, tx, wrt=...)``:
+      every filter ``nnx.state`` takes, read as ``nnx.state`` reads it (a
+      function is Flax's ``(path: tuple of keys, value) -> bool``); give
+      this or ``trainable``. See ``docs/forms.md``.
     stacked_modules: the stacked (scanned) modules: a mapping from a module
       path to the axis of its parameters that indexes its layers
       (``{'blocks': 0}``; MaxText's ``{'decoder/layers': 1}``). A stacked
@@ -962,7 +1009,10 @@ def partition_modules(
       provably lost (sorted dicts with ``Dense_10`` before ``Dense_2``), or
       an ``nnx.State`` without ``module_order``.
     TypeError: a linen ``Module`` definition (give its variables or a
-      builder), or a callable that is not a zero-argument builder.
+      builder), a callable that is not a zero-argument builder, a form that
+      holds no model (an ``nnx.Optimizer``, an optimizer state), a scalar
+      (what ``optax.inject_hyperparams`` passes after calling a model as a
+      schedule), or a ``wrt`` that is no NNX filter.
 
   Warns:
     ModuleOrderWarning: the creation order was probably lost (every dict
@@ -1003,37 +1053,11 @@ def partition_modules(
     )
     return dataclasses.replace(model_or_params, resolved_last_n_modules=cap)
 
-  if wrt is not None:
-    if trainable is not None:
-      raise ValueError(
-          "trainable and wrt are two names of one argument (wrt as in "
-          "nnx.Optimizer); give one of them."
-      )
-    trainable = wrt
-  predicate = nnx_filter_predicate(trainable)
-  found = order_lib.discover(
-      model_or_params, check_order=module_order is None, candidate=predicate
-  )
-
-  flags = _trainable_mask(trainable, found.parameters, predicate)
+  found, flags = _discover_trainable(model_or_params, trainable, wrt, module_order)
   trainable_params = [p for p, f in zip(found.parameters, flags, strict=True) if f]
   frozen = tuple(
       path_name(p) for (p, _), f in zip(found.parameters, flags, strict=True) if not f
   )
-  for path, leaf in trainable_params:
-    _check_floating(path_name(path), leaf)
-  if not trainable_params:
-    raise ValueError(
-        "STAC needs at least one trainable parameter; "
-        + (
-            "the tree has no array leaves."
-            if not found.parameters
-            else f"trainable={trainable!r} matches none of the "
-            f"{len(found.parameters)} parameters ({_short_list([path_name(p) for p, _ in found.parameters])})."
-            if predicate is not None
-            else f"all {len(found.parameters)} parameters are frozen by `trainable`."
-        )
-    )
 
   stacks = stacked_lib.resolve(stacked_modules, found.parameters, found.node_paths)
   order_lib.warn_sorted_subtrees(  # a stacked module's own check names its sub-modules
@@ -1071,6 +1095,72 @@ def partition_modules(
           for p, leaf in found.parameters
       )),
       stacked_modules=tuple((s.name, s.axis, s.layers) for s in stacks),
+  )
+
+
+def _discover_trainable(
+    model_or_params: Any, trainable: Any, wrt: Any, module_order: Any
+) -> tuple[order_lib.Discovery, list[bool]]:
+  """The parameters of ``model_or_params`` and which of them train.
+
+  ``wrt`` is read as ``nnx.state(model, wrt)`` reads it (a function is
+  ``(path tuple, value) -> bool``); ``trainable`` takes NNX filter objects
+  the same way, and its own forms: a callable ``(path name, leaf) -> bool``
+  or a tree of bools. A filter is decided once, on the leaves as the model
+  holds them.
+  """
+  _refuse_schedule_output(model_or_params)
+  if wrt is not None and trainable is not None:
+    raise ValueError(
+        "trainable and wrt are two names of one argument (wrt as in "
+        "nnx.Optimizer); give one of them."
+    )
+  spec, name = (wrt, "wrt") if wrt is not None else (trainable, "trainable")
+  predicate = wrt_predicate(wrt) if wrt is not None else nnx_filter_predicate(trainable)
+  found = order_lib.discover(
+      model_or_params, check_order=module_order is None, candidate=predicate
+  )
+  if predicate is not None and found.trains is not None:
+    flags = list(found.trains)
+  else:
+    flags = _trainable_mask(trainable, found.parameters)
+  for (path, leaf), trains in zip(found.parameters, flags, strict=True):
+    if trains:
+      _check_floating(path_name(path), leaf)
+  if not any(flags):
+    raise ValueError(
+        "STAC needs at least one trainable parameter; "
+        + (
+            "the tree has no array leaves."
+            if not found.parameters
+            else f"{name}={spec!r} matches none of the "
+            f"{len(found.parameters)} parameters ({_short_list([path_name(p) for p, _ in found.parameters])})."
+            if predicate is not None
+            else f"all {len(found.parameters)} parameters are frozen by `trainable`."
+        )
+    )
+  return found, flags
+
+
+def _refuse_schedule_output(model_or_params: Any) -> None:
+  """Refuses what ``optax.inject_hyperparams`` passes on after calling a
+  model or builder as a schedule: a traced value, or an integer scalar."""
+  value = _unbox(model_or_params)
+  traced = is_traced(value)
+  scalar = isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0
+  if not (traced and scalar) and not (
+      scalar and not jnp.issubdtype(jnp.result_type(value), jnp.floating)
+  ):
+    return
+  raise TypeError(
+      f"model_or_params is a {'traced ' if traced else ''}scalar "
+      f"({jnp.result_type(value)}), not a model or params. optax.inject_hyperparams "
+      "takes every callable argument for a schedule: it calls a model or a "
+      "builder with the step count and passes the result on. Give it a "
+      "STACPartition instead, optax.inject_hyperparams(stac_optax.stac)("
+      "stac_optax.partition_modules(model), learning_rate=...), or keep the "
+      "model with optax.inject_hyperparams(stac_optax.stac, "
+      "static_args=('model_or_params',))(model, learning_rate=...)."
   )
 
 

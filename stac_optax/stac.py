@@ -310,9 +310,9 @@ def stac(
     model_or_params: a builder (a zero-argument callable creating the model
       or its variables, traced once under :func:`jax.eval_shape`: the form
       that keeps the creation order in every case), a Flax NNX ``Module``, a
-      linen params (or variables) dict, a plain nested dict of arrays, or a
-      :class:`STACPartition`. Only its structure is read; see
-      :func:`partition_modules`.
+      linen params (or variables) dict, a plain nested dict of arrays, a
+      Flax ``TrainState``, or a :class:`STACPartition`. Only its structure
+      is read; see :func:`partition_modules` and ``docs/forms.md``.
     learning_rate: the cap's rate :math:`\eta` and the base of the trunk's; a
       float or an optax schedule.
     last_n_modules: explicit cap size in counted modules (overrides the
@@ -358,7 +358,9 @@ def stac(
       not updated, no state).
     module_order: explicit registration order of the counted modules.
     mu_dtype: optional dtype of the cap's first moment.
-    wrt: ``trainable`` under ``nnx.Optimizer``'s name for it.
+    wrt: exactly ``nnx.Optimizer``'s ``wrt``: any filter ``nnx.state``
+      takes, read as it reads it (a function is Flax's ``(path tuple,
+      value) -> bool``); give this or ``trainable``.
     sign_update_dtype: ``None`` (default): the trunk's updates have each
       gradient's dtype, optax's convention (bfloat16 params, bfloat16
       updates). ``jnp.float32``: the trunk steps of half-precision leaves are

@@ -1,5 +1,7 @@
 """STAC composes with jit, optax wrappers, schedules, nnx.Optimizer and TrainState."""
 
+import os
+
 import chex
 import flax.linen as nn
 import jax
@@ -150,3 +152,73 @@ def test_linen_train_state_trains_a_model():
   assert losses[-1] < 0.5 * losses[0]
   part = stac_optax.partition_modules(variables)
   assert part.adamw_module_names == ("Dense_10", "Dense_11")
+
+
+class TwoLayer(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.a = nnx.Linear(3, 4, rngs=rngs)
+    self.b = nnx.Linear(4, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(jax.nn.relu(self.a(x)))
+
+
+def _inject_with(model, how):
+  if how == "partition":
+    return optax.inject_hyperparams(stac_optax.stac)(stac_optax.partition_modules(model), learning_rate=0.1)
+  first = model if how == "static model" else (lambda: TwoLayer(nnx.Rngs(0)))
+  return optax.inject_hyperparams(stac_optax.stac, static_args=("model_or_params",))(first, learning_rate=0.1)
+
+
+@pytest.mark.parametrize("how", ["partition", "static model", "static builder"])
+def test_inject_hyperparams_changes_an_nnx_optimizers_learning_rate_mid_run(how):
+  """The two fixes the inject_hyperparams refusal names both work under nnx.jit."""
+  model = TwoLayer(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _inject_with(model, how), wrt=nnx.Param)
+  x = jnp.ones((5, 3))
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x)))(model))
+
+  steps = []
+  for lr in (0.1, 0.1, 0.02):
+    optimizer.opt_state.hyperparams["learning_rate"][...] = lr
+    before = model.a.kernel[...]
+    step(model, optimizer)
+    steps.append(float(jnp.max(jnp.abs(model.a.kernel[...] - before))))
+  np.testing.assert_allclose(steps, [0.1, 0.1, 0.02], rtol=1e-6)  # the trunk: lr * |sign(g)|
+  assert stac_optax.nonfinite_skipped_steps(optimizer.opt_state) == 0
+
+
+def test_inject_hyperparams_calls_a_model_as_a_schedule_and_the_result_is_refused():
+  """optax calls any callable argument with the step count; whatever comes back
+  is refused with the two fixes (a model that fails on a scalar fails first,
+  inside optax: the docs show the fixes)."""
+  tx = optax.inject_hyperparams(stac_optax.stac)(lambda count: count, learning_rate=0.1)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match=r"inject_hyperparams takes every callable argument for a "
+                                      r"schedule.*STACPartition.*static_args=\('model_or_params',\)"):
+    tx.init(params)
+
+
+def test_error_if_nonfinite_under_jit_ends_with_the_stac_message():
+  """JAX reports an exception raised in a host callback as a JaxRuntimeError
+  whose text is the callback's traceback; the STAC message is its last line,
+  and, eagerly, the exception itself."""
+  model = TwoLayer(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, stac_optax.stac(model, error_if_nonfinite=True), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  grads["b"]["kernel"][...] = jnp.full((4, 1), jnp.nan)
+  message = ("Encountered non-finite gradients in the STAC cap (adamw section), first at "
+             "'b/kernel'; no parameter or optimizer state was changed.")
+  with pytest.raises(stac_optax.NonFiniteGradientError) as eager:
+    optimizer.update(model, grads)
+  assert str(eager.value) == message
+  with pytest.raises(jax.errors.JaxRuntimeError) as jitted:
+    nnx.jit(lambda m, o, g: o.update(m, g))(model, optimizer, grads)
+  text = str(jitted.value)
+  assert text.startswith("INTERNAL: CpuCallback error calling callback: Traceback")
+  assert text.splitlines()[-1] == "NonFiniteGradientError: " + message
+  package = os.path.dirname(stac_optax.__file__) + os.sep
+  assert sum(package in line for line in text.splitlines()) == 1  # one frame of ours

@@ -101,3 +101,11 @@ def test_scanned_transformer_counts_layers_and_trains():
     run = out[name]
     assert np.mean(run["losses"][-5:]) < 0.9 * np.mean(run["losses"][:5]), name
   assert out["STAC"]["state_bytes"] < 0.3 * out["AdamW"]["state_bytes"]
+
+
+def test_nnx_checkpointing_resumes_an_nnx_optimizer_run_bit_for_bit():
+  for args in ([], ["--pure"]):
+    out = _load("nnx_checkpointing").main(["--steps", "3", *args])
+    assert out["bitwise_equal"], args
+    assert out["skipped"] == 1
+    assert out["partition"].adamw_module_names == ("norm", "head")

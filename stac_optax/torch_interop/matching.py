@@ -36,9 +36,14 @@ from stac_optax import partition as partition_lib
 from stac_optax import stacked as stacked_lib
 from stac_optax._tree import (
     is_nnx_module,
+    is_nnx_state,
+    is_train_state,
     leaves_with_names,
     looks_like_linen_variables,
+    parameter_tree,
+    parameters_only,
     path_name,
+    refuse_optimizer_state,
     unbox,
 )
 from stac_optax.torch_interop._common import _torch
@@ -154,19 +159,21 @@ def _per_layer_leaves(leaves: Mapping[str, Any], layers: Mapping[str, StackedLay
 
 
 def flax_params(target: Any) -> Any:
-  """The params tree of a target: an NNX module's ``nnx.Param`` state (plain
-  arrays), a linen variables dict's ``params``, or the tree itself; for a
-  builder (``lambda: Net(...)``), that of what it builds, as
-  ``jax.ShapeDtypeStruct`` leaves (it is traced, not run)."""
+  """The params tree of a target: an NNX module's ``nnx.Param`` state, the
+  ``nnx.Param`` variables of an ``nnx.State`` (both as plain arrays), a linen
+  variables dict's or a ``TrainState``'s ``params``, or the tree itself; for
+  a builder (``lambda: Net(...)``), that of what it builds, as
+  ``jax.ShapeDtypeStruct`` leaves (it is traced, not run). An
+  ``nnx.Optimizer`` or an optimizer state is refused, naming the fix."""
   if order_lib.is_builder(target):
     return _once("params", target, lambda: jax.eval_shape(lambda: flax_params(target())))
-  if is_nnx_module(target):
+  refuse_optimizer_state(target, "target")
+  if is_nnx_module(target) or is_nnx_state(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    return nnx.as_pure(nnx.state(target, nnx.Param))
-  if looks_like_linen_variables(target):
-    return target["params"]
-  return target
+    state = parameters_only(target) if is_nnx_state(target) else nnx.state(target, nnx.Param)
+    return nnx.as_pure(state)
+  return parameter_tree(target)
 
 
 def flax_batch_stats(target: Any) -> Any | None:
@@ -179,8 +186,14 @@ def flax_batch_stats(target: Any) -> Any | None:
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     return nnx.as_pure(nnx.state(target, nnx.BatchStat))
+  if is_nnx_state(target):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    return nnx.filter_state(target, nnx.BatchStat)
   if looks_like_linen_variables(target):
     return target.get("batch_stats")
+  if is_train_state(target):
+    return getattr(target, "batch_stats", None)
   return None
 
 

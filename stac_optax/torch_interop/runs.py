@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stac_optax import _tree
 from stac_optax import partition as partition_lib
+from stac_optax import state as state_lib
 from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
@@ -798,11 +800,18 @@ def to_torch(
     ValueError: parameters that do not match, partitions that differ, a
       state PyTorch cannot continue (a trunk momentum buffer), or moments of
       other shapes.
-    TypeError: ``opt_state`` is not a :class:`~stac_optax.STACState`.
+    TypeError: ``opt_state`` is not a :class:`~stac_optax.STACState` (an
+      ``nnx.Optimizer``'s ``optimizer.opt_state`` is one).
   """
   torch = _torch()
   if not isinstance(opt_state, STACState):
-    raise TypeError(f"opt_state must be a STACState, got {type(opt_state).__name__}.")
+    raise TypeError(
+        f"opt_state must be a STACState (the state of stac_optax.stac, or an "
+        f"nnx.Optimizer's optimizer.opt_state), got {_tree.describe_form(opt_state)}"
+        + (": pass optimizer.opt_state, not nnx.state(optimizer) or its pure dict."
+           if state_lib.find(opt_state) else ".")
+    )
+  opt_state = _tree.unboxed(opt_state)  # an nnx.Optimizer wraps each array in an OptState
   if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "load_state_dict"):
     raise TypeError(f"optimizer must be a stac_optimizer.STAC, got {type(optimizer).__name__}.")
   matches = match_parameters(
