@@ -31,33 +31,22 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     # built for another torch, and --no-deps keeps its torch pin out.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --upgrade --target "$venv/torchvision-0.29.1" "torchvision==0.29.1"
-    # Flax's own NNX tests and guides for the installed Flax version, from its
-    # source distribution (the wheel has neither): tests/test_flax_suites.py
-    # runs those that train with nnx.Optimizer, with STAC in place of their
-    # optax optimizer. Only tests/nnx and docs_nnx/guides are unpacked.
+    # Flax's own NNX tests, guides and linen examples for the installed Flax
+    # version, from its source distribution (the wheel has none of them):
+    # tests/test_flax_suites.py runs those that train with nnx.Optimizer, with
+    # STAC in place of their optax optimizer; tests/corpus.py loads the
+    # examples' model definitions.
     "$venv/bin/python" "$root/scripts/flax_sources.py" "$venv"
     # The registration-order corpus (tests/test_corpus.py): model definitions
     # this project did not write, each in a folder of its own. recurrentgemma
     # (Griffin in Flax and in PyTorch) with the packages it imports, at the
     # versions it asks for; gemma-llm's linen Gemma (only its transformer is
-    # imported); Flax's own linen examples from its source distribution.
+    # imported). Flax's own linen examples come with its sources above.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --upgrade --target "$venv/recurrentgemma-1.0.1" "recurrentgemma==1.0.1" \
       "einops==0.8.2" "typeguard==2.13.3" "sentencepiece==0.2.1"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       --no-deps --upgrade --target "$venv/gemma-llm-1.0.0" "gemma-llm==1.0.0"
-    sdists="$(mktemp -d)"
-    "$venv/bin/python" -m pip download --quiet --disable-pip-version-check \
-      --no-deps --no-binary :all: --dest "$sdists" "flax==0.12.8"
-    "$venv/bin/python" - "$sdists/flax-0.12.8.tar.gz" "$venv/flax-examples-0.12.8" <<'PY'
-import sys, tarfile
-with tarfile.open(sys.argv[1]) as tar:
-  members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("flax-0.12.8/examples/")]
-  for member in members:
-    member.name = member.name[len("flax-0.12.8/"):]
-  tar.extractall(sys.argv[2], members=members, filter="data")
-PY
-    rm -rf "$sdists"
   fi
   echo "$want" >"$stamp"
 fi

@@ -1,11 +1,13 @@
-"""Unpacks Flax's NNX tests and guides, for the installed Flax version, beside a venv.
+"""Unpacks Flax's NNX tests, guides and examples, for the installed Flax version, beside a venv.
 
     python scripts/flax_sources.py VENV
 
 downloads the source distribution of the installed ``flax`` from PyPI (``pip
-download --no-binary :all:``) and unpacks its ``tests/nnx`` and
-``docs_nnx/guides`` into ``VENV/flax-<version>-src``, where
-``tests/test_flax_suites.py`` finds them (or set ``STAC_FLAX_SOURCE``).
+download --no-binary :all:``) and unpacks its ``tests/nnx``,
+``docs_nnx/guides`` and ``examples`` into ``VENV/flax-<version>-src``, where
+``tests/test_flax_suites.py`` (Flax's tests and guides) and
+``tests/corpus.py`` (the linen example models) find them (or set
+``STAC_FLAX_SOURCE``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import tarfile
 import tempfile
 
-PARTS = ("tests/nnx/", "docs_nnx/guides/")
+PARTS = ("tests/nnx/", "docs_nnx/guides/", "examples/")
 
 
 def main(venv: str) -> pathlib.Path:

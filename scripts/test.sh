@@ -8,7 +8,6 @@ STAC_FLAX_SOURCE="${STAC_FLAX_SOURCE:-$venv/flax-$(python -c 'import flax; print
 export STAC_FLAX_SOURCE
 export STAC_RECURRENTGEMMA="${STAC_RECURRENTGEMMA:-$venv/recurrentgemma-1.0.1}"
 export STAC_GEMMA_LLM="${STAC_GEMMA_LLM:-$venv/gemma-llm-1.0.0}"
-export STAC_FLAX_EXAMPLES="${STAC_FLAX_EXAMPLES:-$venv/flax-examples-0.12.8}"
 # Two workers, each file on one of them (module fixtures run once); the
 # development and CI machines have 2 cores. Files are handed out in collection
 # order, which tests/conftest.py starts with the slowest ones (xdist would

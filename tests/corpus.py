@@ -3,8 +3,8 @@
 scripts/test.sh installs each into a folder of its own under ``.venv`` (see
 scripts/_venv.sh); an environment variable names another folder:
 
-* ``STAC_FLAX_EXAMPLES``: Flax's ``examples/`` from the flax 0.12.8 source
-  distribution (the linen ImageNet ResNet, lm1b, WMT, nlp_seq, SST-2, VAE,
+* ``STAC_FLAX_SOURCE``: Flax's ``examples/`` from the installed Flax's source
+  distribution (0.12.8 on Python 3.11) (the linen ImageNet ResNet, lm1b, WMT, nlp_seq, SST-2, VAE,
   seq2seq, PPO models and the linen design tests), each ``models.py`` loaded
   from its file.
 * ``STAC_RECURRENTGEMMA``: Google DeepMind's ``recurrentgemma`` 1.0.1, which
@@ -38,7 +38,9 @@ def _folder(variable: str, default: str, marker: str) -> pathlib.Path:
 @functools.cache
 def flax_example(name: str, file: str = "models.py") -> types.ModuleType:
   """``examples/<name>/<file>`` of Flax's source distribution, as a module."""
-  root = _folder("STAC_FLAX_EXAMPLES", "flax-examples-0.12.8", "examples")
+  import flax  # pylint: disable=import-outside-toplevel
+
+  root = _folder("STAC_FLAX_SOURCE", f"flax-{flax.__version__}-src", "examples")
   path = root / "examples" / name / file
   module_name = f"_flax_examples_{name}_{path.stem}"
   spec = importlib.util.spec_from_file_location(module_name, path)
