@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stac_optax import build as build_lib
+from stac_optax import find_stacked as stacked_lib
 from stac_optax import order as order_lib
-from stac_optax import partition as partition_lib
-from stac_optax import stacked as stacked_lib
 from stac_optax._tree import (
+    ROOT,
     is_nnx_module,
     is_nnx_state,
     is_train_state,
@@ -101,7 +102,7 @@ def _once(kind: str, target: Any, compute: Callable[[], Any]) -> Any:
 def counted_modules(target: Any, stacked_modules: Any = None, module_order: Any = None):
   """:func:`stac_optax.partition_modules` of ``target`` with every parameter
   trainable and no cap: the counted modules in registration order."""
-  return _once("modules", target, lambda: partition_lib.partition_modules(
+  return _once("modules", target, lambda: build_lib.partition_modules(
       target, last_n_modules=0, stacked_modules=stacked_modules, module_order=module_order,
   ))
 
@@ -113,13 +114,13 @@ def partition_of(
   """:func:`stac_optax.partition_modules` of ``target``, from the one trace
   of a builder where nothing is frozen."""
   if trainable is not None:
-    return partition_lib.partition_modules(
+    return build_lib.partition_modules(
         target, trainable=trainable, stacked_modules=stacked_modules,
         module_order=module_order, **cap,
     )
-  return partition_lib.partition_modules(
+  return build_lib.partition_modules(
       counted_modules(target, stacked_modules, module_order),
-      **(cap or {"last_n_ratio": partition_lib.DEFAULT_LAST_N_RATIO}),
+      **(cap or {"last_n_ratio": build_lib.DEFAULT_LAST_N_RATIO}),
   )
 
 
@@ -213,7 +214,7 @@ class _TorchUnit:
 
   def describe(self, shapes: Mapping[str, tuple[int, ...]]) -> str:
     own = ", ".join(f"{_rel(n, self.name)}{list(shapes[n])}" for n in self.params)
-    return f"{self.name or partition_lib.ROOT} ({type(self.module).__name__}): {own}"
+    return f"{self.name or ROOT} ({type(self.module).__name__}): {own}"
 
 
 def _rel(name: str, prefix: str) -> str:
@@ -319,7 +320,7 @@ class _Pairing:
       if torch_name not in self.params:
         self.problems.append(
             f"{type(unit.converter).__name__} names {torch_name!r}, which "
-            f"{unit.name or partition_lib.ROOT} does not have"
+            f"{unit.name or ROOT} does not have"
         )
         ok = False
         continue
@@ -546,7 +547,7 @@ def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> 
       rows.append((torch_text, text))
       if not fits:
         pairing.problems.append(
-            f"{unit.name or partition_lib.ROOT}: {type(unit.converter).__name__} expects "
+            f"{unit.name or ROOT}: {type(unit.converter).__name__} expects "
             f"the Flax modules {list(wanted)} next, found {[n for n, _ in taken]}"
         )
         failed_at = i
@@ -563,7 +564,7 @@ def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> 
       rows.append((torch_text, "(none left)"))
       pairing.problems.append(
           f"PyTorch has more counted modules than Flax ({len(flax_modules)}): "
-          f"{unit.name or partition_lib.ROOT} has no partner"
+          f"{unit.name or ROOT} has no partner"
       )
       failed_at = i
       break
@@ -574,7 +575,7 @@ def _pair_by_order(units: list[_TorchUnit], flax_modules, pairing: _Pairing) -> 
     torch_roles = {role(n.rpartition(".")[2]): n for n in unit.params}
     if set(by_role) != set(torch_roles) or len(by_role) != len(paths):
       pairing.problems.append(
-          f"{unit.name or partition_lib.ROOT} {sorted(torch_roles)} and {flax_name} "
+          f"{unit.name or ROOT} {sorted(torch_roles)} and {flax_name} "
           f"{sorted(by_role)} hold parameters of different roles"
       )
       failed_at = i

@@ -15,9 +15,9 @@ import numpy as np
 import optax
 
 from stac_optax import _tree
-from stac_optax import partition as partition_lib
 from stac_optax import state as state_lib
-from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
+from stac_optax.guard import STACState, nonfinite_skipped_steps
+from stac_optax.stac import stac
 from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
@@ -28,6 +28,7 @@ from stac_optax.torch_interop.matching import (
   traces_builders_once,
 )
 from stac_optax.torch_interop.stacking import stacked_entry, unstack
+from stac_optax.transforms import weight_decay_mask
 
 
 def trainable_from_torch(torch_module: Any, matches) -> Any:
@@ -252,7 +253,7 @@ def _torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tup
       seen.add(id(param))
       names.append(f"{module_name}.{name}" if module_name else name)
     if names:
-      modules.append((module_name or partition_lib.ROOT, tuple(names)))
+      modules.append((module_name or _tree.ROOT, tuple(names)))
   split = len(modules) - min(n_cap, len(modules))
   return {"sign": modules[:split], "adamw": modules[split:]}
 
@@ -357,7 +358,7 @@ def _check_decay_masks(by_role, matches, target: Any, names: _Names) -> None:
   decays under the exemption flags, where the group's decay is not zero."""
   any_group = next(iter(by_role.values()))[1]
   stacked = {m.layer.stacked_module: m.layer.axis for m in matches if m.layer is not None}
-  decays = dict(partition_lib.leaves_with_names(weight_decay_mask(
+  decays = dict(_tree.leaves_with_names(weight_decay_mask(
       flax_params(target),
       exclude_bias=bool(any_group["exclude_bias_from_weight_decay"]),
       exclude_1d=bool(any_group["exclude_1d_from_weight_decay"]),
@@ -551,8 +552,8 @@ def split_difference(
   """
   def modules(torch_names: Sequence[str]) -> str:
     found = dict.fromkeys(
-        (n.rpartition(".")[0] or partition_lib.ROOT,
-         flax_name_of.get(n, "").rpartition("/")[0] or partition_lib.ROOT)
+        (n.rpartition(".")[0] or _tree.ROOT,
+         flax_name_of.get(n, "").rpartition("/")[0] or _tree.ROOT)
         for n in torch_names
     )
     shown = ", ".join(f"{t!r} (Flax {f!r})" for t, f in list(found)[:limit])
@@ -698,7 +699,7 @@ def from_torch(
       }
       replaced[field] = jax.tree_util.tree_map_with_path(
           lambda path, leaf, values=values: jnp.asarray(
-              stacked_entry(partition_lib.path_name(path), np.shape(leaf), values, matches),
+              stacked_entry(_tree.path_name(path), np.shape(leaf), values, matches),
               leaf.dtype,
           ),
           getattr(adam, field),
@@ -718,7 +719,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
   inner = getattr(opt_state.inner_state, "inner_states", None)
   if not isinstance(inner, Mapping) or "adamw" not in inner or "sign" not in inner:
     raise ValueError("opt_state is not the state of stac_optax.stac (no trunk and cap states).")
-  trunk_leaves = partition_lib.leaves_with_names(inner["sign"])
+  trunk_leaves = _tree.leaves_with_names(inner["sign"])
   if trunk_leaves:
     raise ValueError(
         "the stac_optax trunk carries state (a sign_momentum buffer, "
@@ -729,7 +730,7 @@ def _check_opt_state(opt_state: STACState, by_role, matches, names: _Names):
   if not hasattr(adam, "mu") or not hasattr(adam, "count"):
     raise ValueError(f"the cap's state is not an AdamW state: {type(adam).__name__}.")
   flat = {
-      key: unstack(dict(partition_lib.leaves_with_names(getattr(adam, field))), matches)
+      key: unstack(dict(_tree.leaves_with_names(getattr(adam, field))), matches)
       for key, field in _MOMENT_FIELDS.items()
       if hasattr(adam, field)
   }
