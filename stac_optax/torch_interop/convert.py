@@ -27,7 +27,7 @@ from stac_optax._tree import (
   path_name,
   unbox,
 )
-from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop._common import import_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import (
   flax_batch_stats,
@@ -301,7 +301,7 @@ def values_for_torch(
 
 def write_to_torch(torch_module: Any, weights: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
   """Copies arrays into the module's parameters and buffers, in place."""
-  torch = _torch()
+  torch = import_torch()
   with torch.no_grad():
     for name, param in torch_module.named_parameters():
       param.copy_(torch.from_numpy(np.array(weights[name], copy=True)).to(param.dtype))

@@ -46,11 +46,11 @@ from stac_optax._tree import (
     refuse_optimizer_state,
     unbox,
 )
-from stac_optax.torch_interop._common import _torch
 from stac_optax.torch_interop.layouts import (
     ModuleConverter,
     ParameterMatch,
     StackedLayer,
+    batch_norms,
     converter_for,
     layout_for,
     leaf_rule,
@@ -641,11 +641,10 @@ def match_buffers(
   leaves = dict(leaves_with_names(stats)) if stats is not None else {}
   if not leaves:
     return ()
-  nn = _torch().nn
   flax_module_of = {m.torch_name.rpartition(".")[0]: m.flax_name.rpartition("/")[0] for m in matches}
   out, problems = [], []
   for module_name, module in torch_module.named_modules():
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:  # pylint: disable=protected-access
+    if not isinstance(module, batch_norms()) or module.running_mean is None:
       continue
     flax_module = flax_module_of.get(module_name, module_name.replace(".", "/"))
     for buffer, leaf in (("running_mean", "mean"), ("running_var", "var")):

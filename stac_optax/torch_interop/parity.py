@@ -16,7 +16,7 @@ import optax
 
 from stac_optax._tree import is_nnx_module, leaves_with_names
 from stac_optax.stac import stac
-from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop._common import import_torch
 from stac_optax.torch_interop.convert import _tree_from_values, params_from_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import match_parameters, partition_of, traces_builders_once
@@ -286,7 +286,7 @@ def check_parity(
       without both loss functions.
     ImportError: ``stac-optimizer`` is not installed.
   """
-  torch = _torch()
+  torch = import_torch()
   try:
     import stac_optimizer  # pylint: disable=import-outside-toplevel
   except ImportError as e:

@@ -18,7 +18,7 @@ from stac_optax import _tree
 from stac_optax import partition as partition_lib
 from stac_optax import state as state_lib
 from stac_optax.stac import STACState, nonfinite_skipped_steps, stac, weight_decay_mask
-from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop._common import import_torch
 from stac_optax.torch_interop.convert import params_from_torch, values_for_torch, write_to_torch
 from stac_optax.torch_interop.layouts import ModuleConverter, assemble
 from stac_optax.torch_interop.matching import (
@@ -405,7 +405,7 @@ def _check_param_states(state_dict, by_role, matches, names: _Names) -> tuple[di
     ``({torch name: state} of the cap, step)``; empty and 0 before the
     first step.
   """
-  torch = _torch()
+  torch = import_torch()
   by_name = _by_torch_name(matches)
   state = state_dict["state"]
   listed = {}
@@ -803,7 +803,7 @@ def to_torch(
     TypeError: ``opt_state`` is not a :class:`~stac_optax.STACState` (an
       ``nnx.Optimizer``'s ``optimizer.opt_state`` is one).
   """
-  torch = _torch()
+  torch = import_torch()
   if not isinstance(opt_state, STACState):
     raise TypeError(
         f"opt_state must be a STACState (the state of stac_optax.stac, or an "
