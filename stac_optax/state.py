@@ -188,10 +188,14 @@ def _right_under(where: tuple[str, ...]):
   return lambda path, _: tuple(_tree.key_str(k) for k in path[:-1]) == where
 
 
+def _get(opt_state: Any, key: str, where: tuple[str, ...]) -> Any | None:
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, key, _right_under(where))
+  return found[0][1] if found else None
+
+
 def _fields(opt_state: Any, group: str, fields: tuple[str, ...]) -> dict[str, Any]:
-  under = _right_under(_first_link(group))
-  found = {f: optax.tree_utils.tree_get_all_with_path(opt_state, f, under) for f in fields}
-  return {f: hits[0][1] for f, hits in found.items() if hits}
+  found = {f: _get(opt_state, f, _first_link(group)) for f in fields}
+  return {f: value for f, value in found.items() if value is not None}
 
 
 def _replaced(opt_state: Any, group: str, fields: tuple[str, ...], new: dict[str, Any]) -> Any:
@@ -209,10 +213,17 @@ def group_states(opt_state: Any) -> Mapping[str, Any]:
   """``{group: state}`` of a typed :class:`~stac_optax.STACState`, the
   ``optax.partition`` state of ``'sign'``, ``'adamw'`` and ``'frozen'``;
   empty for a tree that is not such a state."""
-  found = optax.tree_utils.tree_get_all_with_path(
-      opt_state, _GROUPS_AT[-1], _right_under(_GROUPS_AT[:-1])
-  )
-  return found[0][1] if found and isinstance(found[0][1], Mapping) else {}
+  found = _get(opt_state, _GROUPS_AT[-1], _GROUPS_AT[:-1])
+  return found if isinstance(found, Mapping) else {}
+
+
+def cap_state(opt_state: Any) -> Any | None:
+  """The state of the first link of the cap's chain, whose fields
+  :func:`cap_moments` reads (an ``optax.ScaleByAdamState``, or a
+  ``ScaleByAmsgradState`` with AMSGrad); ``None`` where there is none."""
+  *where, key, index = _FIRST_LINK_AT
+  chain = _get(opt_state, key, (*_GROUPS_AT, ADAMW, *where))
+  return chain[int(index)] if isinstance(chain, tuple) and len(chain) > int(index) else None
 
 
 def cap_moments(opt_state: Any) -> dict[str, Any]:

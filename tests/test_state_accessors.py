@@ -32,6 +32,7 @@ def _first_link(opt_state, group):
 def test_cap_moments_are_the_first_link_of_the_caps_chain(amsgrad):
   opt_state = _state(amsgrad=amsgrad)
   link = _first_link(opt_state, stac_optax.ADAMW)
+  assert state_lib.cap_state(opt_state) is link
   moments = state_lib.cap_moments(opt_state)
   assert sorted(moments) == sorted(link._fields)
   assert ("nu_max" in moments) == amsgrad
@@ -88,4 +89,5 @@ def test_group_states_and_an_empty_answer_for_other_trees():
   assert set(state_lib.group_states(opt_state)) == {"sign", "adamw", "frozen"}
   assert state_lib.group_states(PARAMS) == {}
   assert state_lib.cap_moments(PARAMS) == {}
+  assert state_lib.cap_state(PARAMS) is None
   assert state_lib.trunk_momentum(optax.adam(1e-3).init(PARAMS)) is None
