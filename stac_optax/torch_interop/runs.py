@@ -33,6 +33,7 @@ from stac_optax.torch_interop.split import (
     check_names,
     check_optimizer_trains,
     check_same_split,
+    owner_of,
 )
 from stac_optax.torch_interop.stacking import stacked_entry
 from stac_optax.torch_interop.state_dict import (
@@ -94,13 +95,13 @@ def flax_cap_size(
   ``nn.MultiheadAttention`` with its ``out_proj`` is 2 modules in PyTorch,
   4 in Flax).
   """
-  aliases = dict(partition.parameter_aliases)
+  owner = owner_of(partition)
   module_of = {p: m.name for m in partition.modules for p in m.parameter_names}
   cap = set(torch_cap)
   return len({
-      module_of[aliases.get(m.flax_name, m.flax_name)]
+      module_of[owner(m.flax_name)]
       for m in matches
-      if m.torch_name in cap and aliases.get(m.flax_name, m.flax_name) in module_of
+      if m.torch_name in cap and owner(m.flax_name) in module_of
   })
 
 

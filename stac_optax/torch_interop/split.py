@@ -8,7 +8,7 @@ Messages name a parameter by its PyTorch name and its Flax path(s)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from stac_optax import STACPartition
@@ -23,6 +23,13 @@ ORDER_FIX = (
     "differently), give module_order= with every counted Flax module in "
     "PyTorch's order"
 )
+
+
+def owner_of(partition: STACPartition) -> Callable[[str], str]:
+  """``tree path -> the path`` ``partition`` lists a parameter under: a
+  variable tied between NNX modules is listed under its first owner."""
+  aliases = dict(partition.parameter_aliases)
+  return lambda name: aliases.get(name, name)
 
 
 def torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
@@ -164,8 +171,8 @@ def check_same_split(
     torch_groups: Groups, partition: STACPartition, matches: Sequence[ParameterMatch]
 ) -> None:
   """Each section holds the same parameters in PyTorch and in ``partition``."""
-  aliases = dict(partition.parameter_aliases)
-  owner = {t: {aliases.get(m.flax_name, m.flax_name) for m in ms} for t, ms in by_torch_name(matches).items()}
+  owner_name = owner_of(partition)
+  owner = {t: {owner_name(m.flax_name) for m in ms} for t, ms in by_torch_name(matches).items()}
   torch_of = {f: t for t, fs in owner.items() for f in fs}
   flax_name_of = {t: sorted(fs)[0] for t, fs in owner.items() if fs}
   for role, flax_names in (
