@@ -20,6 +20,11 @@ Relative to the state, its leaves are named::
 ``<parameter>`` is the parameter's path name, or ``<path>/<cap>`` and
 ``<path>/<trunk>`` for the part of a stacked array cut at the cap boundary
 (see :meth:`stac_optax.STACPartition.state_entries`).
+
+A typed :class:`~stac_optax.STACState` is read and changed through
+:func:`cap_moments`, :func:`trunk_momentum` and their ``with_*`` twins, built
+on ``optax.tree_utils``: no other module spells out where the cap's moments
+or the trunk's momentum sit in the state.
 """
 
 from __future__ import annotations
@@ -29,14 +34,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import optax
 
 from stac_optax import _tree
-from stac_optax.partition import ADAMW, FROZEN, SIGN
+from stac_optax.labels import ADAMW, FROZEN, SIGN
 
 GROUPS = (SIGN, ADAMW, FROZEN)
-_INNER = "inner_state/inner_states/"
-_FIRST_LINK = "inner_state/0/"  # the stateful first link of the trunk and cap chains
-_MOMENTS = ("mu", "nu", "nu_max")
+# The layout, relative to a STAC state: its PartitionState's state of each
+# group, then (in a group's MaskedState) the chain, whose first link holds
+# the group's state: the cap's step count and moments, the trunk's momentum.
+_GROUPS_AT = ("inner_state", "inner_states")
+_FIRST_LINK_AT = ("inner_state", "0")
+CAP_FIELDS = ("count", "mu", "nu", "nu_max")
+TRUNK_FIELD = "momentum"
+_INNER = "/".join(_GROUPS_AT) + "/"
+_FIRST_LINK = "/".join(_FIRST_LINK_AT) + "/"
+_MOMENTS = CAP_FIELDS[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,3 +171,120 @@ def skipped_steps(tree: Any) -> int:
         f"{_tree.short_list([v.location or '<top>' for v in views])}); give one of them."
     )
   return int(np.asarray(views[0].skipped))
+
+
+# --------------------------------------------------------------------------
+# A typed STACState: the cap's moments and the trunk's momentum
+# --------------------------------------------------------------------------
+
+
+def _first_link(group: str) -> tuple[str, ...]:
+  return (*_GROUPS_AT, group, *_FIRST_LINK_AT)
+
+
+def _right_under(where: tuple[str, ...]):
+  """A ``filtering`` for ``optax.tree_utils``: the key right under ``where``
+  (a model's own ``mu`` or ``count`` modules, deeper, are left alone)."""
+  return lambda path, _: tuple(_tree.key_str(k) for k in path[:-1]) == where
+
+
+def _get(opt_state: Any, key: str, where: tuple[str, ...]) -> Any | None:
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, key, _right_under(where))
+  return found[0][1] if found else None
+
+
+def _fields(opt_state: Any, group: str, fields: tuple[str, ...]) -> dict[str, Any]:
+  found = {f: _get(opt_state, f, _first_link(group)) for f in fields}
+  return {f: value for f, value in found.items() if value is not None}
+
+
+def _replaced(opt_state: Any, group: str, fields: tuple[str, ...], new: dict[str, Any]) -> Any:
+  unknown = sorted(set(new) - set(_fields(opt_state, group, fields)))
+  if unknown:
+    raise ValueError(
+        f"opt_state has no {unknown} under {'/'.join(_first_link(group))} "
+        f"(it holds {sorted(_fields(opt_state, group, fields))}); give a typed "
+        "STACState of stac_optax.stac with those fields."
+    )
+  return optax.tree_utils.tree_set(opt_state, _right_under(_first_link(group)), **new)
+
+
+def group_states(opt_state: Any) -> Mapping[str, Any]:
+  """``{group: state}`` of a typed :class:`~stac_optax.STACState`, the
+  ``optax.partition`` state of ``'sign'``, ``'adamw'`` and ``'frozen'``;
+  empty for a tree that is not such a state."""
+  found = _get(opt_state, _GROUPS_AT[-1], _GROUPS_AT[:-1])
+  return found if isinstance(found, Mapping) else {}
+
+
+def cap_state(opt_state: Any) -> Any | None:
+  """The state of the first link of the cap's chain, whose fields
+  :func:`cap_moments` reads (an ``optax.ScaleByAdamState``, or a
+  ``ScaleByAmsgradState`` with AMSGrad); ``None`` where there is none."""
+  *where, key, index = _FIRST_LINK_AT
+  chain = _get(opt_state, key, (*_GROUPS_AT, ADAMW, *where))
+  return chain[int(index)] if isinstance(chain, tuple) and len(chain) > int(index) else None
+
+
+def cap_moments(opt_state: Any) -> dict[str, Any]:
+  """The cap's Adam (or AMSGrad) state of a typed :class:`~stac_optax.STACState`.
+
+  Returns:
+    ``{'count': ..., 'mu': ..., 'nu': ...}``, with ``'nu_max'`` under
+    ``amsgrad=True``; each moment a tree shaped like the params (with
+    ``optax.MaskedNode`` outside the cap). Empty when ``opt_state`` holds no
+    cap state there.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> from stac_optax import state
+    >>> params = {'stem': {'w': jnp.ones((2, 2))}, 'head': {'w': jnp.ones(2)}}
+    >>> moments = state.cap_moments(stac_optax.stac(params, module_order=['stem', 'head']).init(params))
+    >>> sorted(moments), moments['mu']['head']['w'].shape
+    (['count', 'mu', 'nu'], (2,))
+  """
+  return _fields(opt_state, ADAMW, CAP_FIELDS)
+
+
+def with_cap_moments(opt_state: Any, **fields: Any) -> Any:
+  """``opt_state`` with some of the cap's :func:`cap_moments` replaced.
+
+  Args:
+    opt_state: a typed :class:`~stac_optax.STACState`.
+    **fields: new values of ``count``, ``mu``, ``nu`` or ``nu_max``, each
+      with the structure of the value it replaces.
+
+  Returns:
+    A new state of the same structure; ``opt_state`` is left as it is.
+
+  Raises:
+    ValueError: a field the cap's state does not hold (``nu_max`` without
+      AMSGrad).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> from stac_optax import state
+    >>> params = {'stem': {'w': jnp.ones((2, 2))}, 'head': {'w': jnp.ones(2)}}
+    >>> s = stac_optax.stac(params, module_order=['stem', 'head']).init(params)
+    >>> int(state.cap_moments(state.with_cap_moments(s, count=jnp.asarray(7)))['count'])
+    7
+  """
+  return _replaced(opt_state, ADAMW, CAP_FIELDS, fields)
+
+
+def trunk_momentum(opt_state: Any) -> Any | None:
+  """The trunk's momentum buffer of a typed :class:`~stac_optax.STACState`
+  (a tree shaped like the params, ``optax.MaskedNode`` outside the trunk);
+  ``None`` for the state-free trunk (``sign_momentum`` ``None`` or 0)."""
+  return _fields(opt_state, SIGN, (TRUNK_FIELD,)).get(TRUNK_FIELD)
+
+
+def with_trunk_momentum(opt_state: Any, momentum: Any) -> Any:
+  """``opt_state`` with the trunk's momentum buffer replaced.
+
+  Raises:
+    ValueError: the trunk keeps no momentum (``sign_momentum`` ``None`` or 0).
+  """
+  return _replaced(opt_state, SIGN, (TRUNK_FIELD,), {TRUNK_FIELD: momentum})

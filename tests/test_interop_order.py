@@ -15,7 +15,7 @@ import stac_optimizer
 import torch
 
 from stac_optax import torch_interop
-from stac_optax.torch_interop.matching import dotted_key_names
+from stac_optax.torch_interop.pairing import dotted_key_names
 from tests import corpus
 from tests.test_corpus import _griffin, _griffin_config
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 import stac_optax
 from stac_optax import torch_interop
+from stac_optax.torch_interop.parity import torch_stac_kwargs
 from tests import models
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -269,7 +270,7 @@ CONFIGS = {
 
 
 def _split_kwargs(config):
-  torch_kwargs = torch_interop._torch_kwargs(config)  # pylint: disable=protected-access
+  torch_kwargs = torch_stac_kwargs(config)
   return {"lr": 1e-2, **torch_kwargs}, {"learning_rate": 1e-2, **config}
 
 

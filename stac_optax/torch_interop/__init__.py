@@ -44,19 +44,9 @@ from stac_optax.torch_interop.layouts import (
     Piece,
     StackedLayer,
 )
-from stac_optax.torch_interop.matching import (
-    flax_batch_stats,
-    flax_params,
-    match_buffers,
-    match_parameters,
-)
-from stac_optax.torch_interop.parity import (
-    BatchParity,
-    ParameterDiff,
-    ParityReport,
-    _torch_kwargs,  # noqa: F401  (the suite's reference)
-    check_parity,
-)
+from stac_optax.torch_interop.matching import match_buffers, match_parameters
+from stac_optax.torch_interop.parity import check_parity
+from stac_optax.torch_interop.report import BatchParity, ParameterDiff, ParityReport
 from stac_optax.torch_interop.runs import (
     flax_cap_size,
     from_torch,
@@ -64,6 +54,7 @@ from stac_optax.torch_interop.runs import (
     to_torch,
     trainable_from_torch,
 )
+from stac_optax.torch_interop.target import flax_batch_stats, flax_params
 
 __all__ = (
     "BatchParity",

@@ -1,9 +1,12 @@
-"""The PyTorch module, lazily imported."""
+"""The PyTorch module, imported when first needed."""
 
 from __future__ import annotations
 
+from typing import Any
 
-def _torch():
+
+def import_torch() -> Any:
+  """``torch``; an ``ImportError`` naming the install command without it."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # pragma: no cover - exercised without torch only

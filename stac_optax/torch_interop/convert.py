@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stac_optax import order as order_lib
 from stac_optax._tree import (
   is_nnx_module,
   is_parameter_leaf,
@@ -27,19 +26,16 @@ from stac_optax._tree import (
   path_name,
   unbox,
 )
-from stac_optax.torch_interop._common import _torch
-from stac_optax.torch_interop.layouts import ModuleConverter, assemble
-from stac_optax.torch_interop.matching import (
-  flax_batch_stats,
-  flax_params,
-  match_buffers,
-  match_parameters,
-  traces_builders_once,
-)
+from stac_optax.order import is_builder
+from stac_optax.torch_interop._common import import_torch
+from stac_optax.torch_interop.layouts import ModuleConverter, ParameterMatch, assemble
+from stac_optax.torch_interop.matching import pair_buffers, pair_parameters
+from stac_optax.torch_interop.options import MatchOptions
 from stac_optax.torch_interop.stacking import stack, unstack
+from stac_optax.torch_interop.target import FlaxTarget
 
 
-def _fill(template: Any, values: Mapping[str, Any]) -> Any:
+def fill(template: Any, values: Mapping[str, Any]) -> Any:
   """``template`` (arrays, ``ShapeDtypeStruct``\\ s or NNX variables) with
   each leaf replaced by ``values[its path]`` in the leaf's dtype; NNX
   variables keep their type."""
@@ -62,17 +58,26 @@ def _fill(template: Any, values: Mapping[str, Any]) -> Any:
   return visit(template, ())
 
 
-def _tree_from_values(target: Any, values: Mapping[str, Any]) -> Any:
-  """A tree shaped like ``flax_params(target)`` with leaves from ``values``."""
-  return _fill(flax_params(target), values)
+def flax_values(tensors: Mapping[str, Any], matches: Sequence[ParameterMatch]) -> dict[str, Any]:
+  """``{tree entry: array}`` in Flax layout from per-parameter tensors keyed by
+  PyTorch name, the layers of each stacked array stacked."""
+  return stack({m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches}, matches)
 
 
-def _how(name_map, match, converters, stacked_modules, module_order) -> dict[str, Any]:
-  """The matching arguments, passed on as they came."""
-  return {
-      "name_map": name_map, "match": match, "converters": converters,
-      "stacked_modules": stacked_modules, "module_order": module_order,
-  }
+def params_tree(
+    torch_module: Any, target: FlaxTarget, matches: Sequence[ParameterMatch]
+) -> Any:
+  """:func:`params_from_torch` of a resolved target and its matches."""
+  return fill(target.params, flax_values(dict(torch_module.named_parameters()), matches))
+
+
+def stats_tree(
+    torch_module: Any, target: FlaxTarget, matches: Sequence[ParameterMatch]
+) -> Any:
+  """The running statistics as ``target``'s batch statistics (which it has)."""
+  buffers = dict(torch_module.named_buffers())
+  paired = pair_buffers(torch_module, target.batch_stats, matches)
+  return fill(target.batch_stats, {b.flax_name: b.to_flax(buffers[b.torch_name]) for b in paired})
 
 
 def _nnx_state(model: Any, *filters: Any) -> Any:
@@ -81,7 +86,6 @@ def _nnx_state(model: Any, *filters: Any) -> Any:
   return nnx.state(model, nnx.Any(*filters) if len(filters) > 1 else filters[0])
 
 
-@traces_builders_once
 def tree_from_torch(
     torch_module: Any,
     tensors: Mapping[str, Any],
@@ -118,17 +122,16 @@ def tree_from_torch(
     'Param'
     >>> _ = optimizer.update(model, grads)
   """
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  matches = match_parameters(torch_module, target, **how)
-  values = stack({m.flax_name: m.to_flax(tensors[m.torch_name]) for m in matches}, matches)
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax = FlaxTarget.of(target, options)
+  values = flax_values(tensors, pair_parameters(torch_module, flax, options))
   if is_nnx_module(target):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    return _fill(_nnx_state(target, nnx.Param), values)
-  return _tree_from_values(target, values)
+    return fill(_nnx_state(target, nnx.Param), values)
+  return fill(flax.params, values)
 
 
-@traces_builders_once
 def params_from_torch(
     torch_module: Any,
     target: Any,
@@ -157,15 +160,11 @@ def params_from_torch(
     >>> bool(np.allclose(twin(x), linear(torch.from_numpy(x)).detach().numpy(), atol=1e-6))
     True
   """
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  matches = match_parameters(torch_module, target, **how)
-  weights = dict(torch_module.named_parameters())
-  return _tree_from_values(
-      target, stack({m.flax_name: m.to_flax(weights[m.torch_name]) for m in matches}, matches)
-  )
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax = FlaxTarget.of(target, options)
+  return params_tree(torch_module, flax, pair_parameters(torch_module, flax, options))
 
 
-@traces_builders_once
 def buffers_from_torch(
     torch_module: Any,
     target: Any,
@@ -183,16 +182,13 @@ def buffers_from_torch(
   ``running_mean`` is ``mean`` and ``running_var`` is ``var``, as they are.
   ``num_batches_tracked`` is not carried (Flax counts no batches).
   """
-  stats = flax_batch_stats(target)
-  if stats is None:
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax = FlaxTarget.of(target, options)
+  if flax.batch_stats is None:
     return None
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  matches = match_parameters(torch_module, target, **how)
-  buffers = dict(torch_module.named_buffers())
-  return _fill(stats, {b.flax_name: b.to_flax(buffers[b.torch_name]) for b in match_buffers(torch_module, target, matches)})
+  return stats_tree(torch_module, flax, pair_parameters(torch_module, flax, options))
 
 
-@traces_builders_once
 def variables_from_torch(
     torch_module: Any,
     target: Any,
@@ -213,10 +209,12 @@ def variables_from_torch(
     ``nnx.State`` of its ``nnx.Param`` and ``nnx.BatchStat`` variables, for
     ``nnx.update(model, state)``. For a params tree: the params.
   """
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  params = params_from_torch(torch_module, target, **how)
-  stats = buffers_from_torch(torch_module, target, **how)
-  if order_lib.is_builder(target) and looks_like_linen_variables(built := jax.eval_shape(target)):
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax = FlaxTarget.of(target, options)
+  matches = pair_parameters(torch_module, flax, options)
+  params = params_tree(torch_module, flax, matches)
+  stats = None if flax.batch_stats is None else stats_tree(torch_module, flax, matches)
+  if is_builder(target) and looks_like_linen_variables(built := jax.eval_shape(target)):
     return {**built, "params": params, **({"batch_stats": stats} if stats is not None else {})}
   if looks_like_linen_variables(target):
     return {**target, "params": params, **({"batch_stats": stats} if stats is not None else {})}
@@ -225,11 +223,10 @@ def variables_from_torch(
 
     values = dict(leaves_with_names(params))
     values.update(leaves_with_names(stats) if stats is not None else ())
-    return _fill(_nnx_state(target, nnx.Param, nnx.BatchStat), values)
+    return fill(_nnx_state(target, nnx.Param, nnx.BatchStat), values)
   return params
 
 
-@traces_builders_once
 def tree_to_torch(
     tree: Any,
     torch_module: Any,
@@ -244,20 +241,13 @@ def tree_to_torch(
   """A Flax tree with the params' paths (arrays or NNX variables) as
   ``{torch_name: array}`` in PyTorch layout; a fused parameter is put back
   together from its leaves."""
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  matches = match_parameters(torch_module, tree if target is None else target, **how)
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax = FlaxTarget.of(tree if target is None else target, options)
+  matches = pair_parameters(torch_module, flax, options)
   flat = unstack({k: unbox(v) for k, v in leaves_with_names(tree)}, matches)
   return assemble(matches, lambda m: flat[m.flax_name])
 
 
-def _stats_source(params_or_model: Any) -> Any:
-  """The batch statistics an object carries, or ``None``."""
-  if order_lib.is_builder(params_or_model):
-    return None
-  return flax_batch_stats(params_or_model)
-
-
-@traces_builders_once
 def params_to_torch(
     params_or_model: Any,
     torch_module: Any,
@@ -278,30 +268,42 @@ def params_to_torch(
   order, the registration order, where ``params_or_model`` has lost it (a
   dict that went through ``jax.tree.map`` or ``jax.jit`` is sorted).
   """
-  how = _how(name_map, match, converters, stacked_modules, module_order)
-  matches = match_parameters(torch_module, params_or_model if target is None else target, **how)
-  write_to_torch(torch_module, *values_for_torch(params_or_model, torch_module, matches))
+  options = MatchOptions(name_map, match, converters, stacked_modules, module_order)
+  flax, source = sides(params_or_model, target, options)
+  matches = pair_parameters(torch_module, flax, options)
+  write_to_torch(torch_module, *values_for_torch(source, torch_module, matches))
+
+
+def sides(
+    params_or_model: Any, target: Any | None, options: MatchOptions
+) -> tuple[FlaxTarget, FlaxTarget]:
+  """``(what to match against, where the values come from)``: ``target``
+  where it is given (it keeps the structure and order that trained params
+  lose), ``params_or_model`` for both where not."""
+  source = FlaxTarget.of(params_or_model, options)
+  return (source if target is None else FlaxTarget.of(target, options)), source
 
 
 def values_for_torch(
-    params_or_model: Any, torch_module: Any, matches: Sequence[Any]
+    source: FlaxTarget, torch_module: Any, matches: Sequence[ParameterMatch]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """``({parameter: array}, {buffer: array})`` in PyTorch layout, from the
-  weights and (where it carries them) batch statistics of the Flax side."""
-  flat = unstack({k: unbox(v) for k, v in leaves_with_names(flax_params(params_or_model))}, matches)
+  weights and (where it carries them, a builder does not) batch statistics
+  of the Flax side."""
+  flat = unstack({k: unbox(v) for k, v in leaves_with_names(source.params)}, matches)
   weights = assemble(matches, lambda m: flat[m.flax_name])
-  stats = _stats_source(params_or_model)
+  stats = None if is_builder(source.model) else source.batch_stats
   buffers = {}
   if stats is not None:
     flat_stats = dict(leaves_with_names(stats))
-    for b in match_buffers(torch_module, params_or_model, matches):
+    for b in pair_buffers(torch_module, stats, matches):
       buffers[b.torch_name] = b.to_torch(unbox(flat_stats[b.flax_name]))
   return weights, buffers
 
 
 def write_to_torch(torch_module: Any, weights: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
   """Copies arrays into the module's parameters and buffers, in place."""
-  torch = _torch()
+  torch = import_torch()
   with torch.no_grad():
     for name, param in torch_module.named_parameters():
       param.copy_(torch.from_numpy(np.array(weights[name], copy=True)).to(param.dtype))

@@ -31,17 +31,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from stac_optax.torch_interop._common import _torch
+from stac_optax.torch_interop._common import import_torch
 
 # Flax leaf names by role: what a PyTorch ``weight`` is called in Flax.
 WEIGHT_LEAVES = ("kernel", "scale", "embedding")
-LAYOUTS = ("identity", "transpose", "conv", "heads")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):
     value = value.detach().cpu()
-    if value.dtype == _torch().bfloat16:
+    if value.dtype == import_torch().bfloat16:
       value = value.float()
     value = value.numpy()
   # a copy: a zero-copy view would let later in-place PyTorch steps change
@@ -164,17 +163,33 @@ def assemble(matches: Sequence[ParameterMatch], values: Any) -> dict[str, np.nda
 # --------------------------------------------------------------------------
 
 
+_BATCH_NORMS = (
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+)
+_INSTANCE_NORMS = (
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
+)
+
+
+def batch_norms() -> tuple[type, ...]:
+  """PyTorch's batch norm classes: the modules with running statistics."""
+  nn = import_torch().nn
+  return tuple(getattr(nn, n) for n in _BATCH_NORMS)
+
+
 def weight_rule(owner: Any) -> tuple[str, str] | None:
   """``(Flax leaf name, layout)`` of the ``weight`` of a PyTorch module;
   ``None`` for a class without a rule (the name is kept, as is)."""
-  nn = _torch().nn
+  nn = import_torch().nn
   if isinstance(owner, nn.Linear):
     return "kernel", "transpose"
   if isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
     return "kernel", "conv"
   if isinstance(owner, nn.Embedding):
     return "embedding", "identity"
-  norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # pylint: disable=protected-access
+  norms = (nn.LayerNorm, nn.GroupNorm, *batch_norms(), *(getattr(nn, n) for n in _INSTANCE_NORMS))
   if isinstance(owner, norms) or type(owner).__name__ == "RMSNorm":
     return "scale", "identity"
   return None
@@ -303,7 +318,7 @@ class MultiheadAttentionConverter(ModuleConverter):
   """
 
   def applies(self, module: Any) -> bool:
-    return isinstance(module, _torch().nn.MultiheadAttention)
+    return isinstance(module, import_torch().nn.MultiheadAttention)
 
   def pieces(self, module: Any) -> Sequence[Piece]:
     if getattr(module, "bias_k", None) is not None or getattr(module, "bias_v", None) is not None:
