@@ -261,7 +261,7 @@ class SizeRun:
     self.run, self.left, self.params, self.options = run, left, params, options
     self.jax_names = jax_names
     part = stac_optax.partition_modules(params)
-    sizes = dict((name, x.size) for name, x in stac_optax.partition.leaves_with_names(params))
+    sizes = dict((name, x.size) for name, x in stac_optax._tree.leaves_with_names(params))
     self.n = int(sum(sizes.values()))
     self.cap = int(sum(sizes[p] for p in part.adamw_parameter_names))
     self.factories = common.optimizers(part, guard_variants=True)

@@ -81,7 +81,7 @@ def streaming_run(n_elements):
 
 def bytes_moved(name, params, tx_partition):
   """The bytes a step must read and write, by the update rules (None if not modelled)."""
-  sizes = dict((n, x.size) for n, x in stac_optax.partition.leaves_with_names(params))
+  sizes = dict((n, x.size) for n, x in stac_optax._tree.leaves_with_names(params))
   n = sum(sizes.values())
   if name in ("AdamW baseline", "AdamW + apply_if_finite"):
     return common.step_bytes({"adamw": n}, guard="finite" in name)

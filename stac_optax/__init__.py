@@ -1,18 +1,12 @@
 """stac_optax: STAC (SignSGD Trunk, AdamW Cap) for Optax and Flax."""
 
+from stac_optax.build import partition_modules, resolve_adamw_cap_module_count
 from stac_optax.checkpoint import validate_state
 from stac_optax.guard import NonFiniteGradientError, STACState, nonfinite_skipped_steps
-from stac_optax.order import ModuleOrderError, ModuleOrderWarning
-from stac_optax.partition import (
-    ADAMW,
-    FROZEN,
-    SIGN,
-    ModuleGroup,
-    STACPartition,
-    partition_modules,
-    resolve_adamw_cap_module_count,
-)
-from stac_optax.stac import stac, weight_decay_mask
+from stac_optax.labels import ADAMW, FROZEN, SIGN
+from stac_optax.order_checks import ModuleOrderError, ModuleOrderWarning
+from stac_optax.partition import ModuleGroup, STACPartition
+from stac_optax.stac import stac
 from stac_optax.transforms import (
     SignMomentumState,
     adamw_cap,
@@ -20,6 +14,7 @@ from stac_optax.transforms import (
     scale_by_pytorch_amsgrad,
     scale_by_sign_momentum,
     sign_trunk,
+    weight_decay_mask,
 )
 
 __version__ = "0.1.0"

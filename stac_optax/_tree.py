@@ -66,6 +66,27 @@ def module_name(path: Sequence[Any]) -> str:
   return path_name(path) if path else ROOT
 
 
+def starts_with(path: Sequence[Any], prefix: Sequence[Any]) -> bool:
+  """Whether ``path`` is ``prefix`` or lies below it (both sequences of keys)."""
+  return tuple(path[: len(prefix)]) == tuple(prefix)
+
+
+def name_starts_with(name: str, prefix: str) -> bool:
+  """Whether the path named ``name`` is the one named ``prefix`` or lies
+  below it (``''`` names the root, which every path starts with)."""
+  return not prefix or name == prefix or name.startswith(prefix + "/")
+
+
+def name_is_below(name: str, prefix: str) -> bool:
+  """Whether the path named ``name`` lies strictly below the one named ``prefix``."""
+  return name != prefix and name_starts_with(name, prefix)
+
+
+def is_below(path: Sequence[Any], prefix: Sequence[Any]) -> bool:
+  """Whether ``path`` lies strictly below ``prefix``."""
+  return len(path) > len(prefix) and starts_with(path, prefix)
+
+
 @functools.cache
 def _parameter_box_types() -> tuple[type, ...]:
   """Containers that wrap one parameter value (treated as a single leaf)."""

@@ -24,10 +24,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from stac_optax import _tree
-from stac_optax import partition as partition_lib
+from stac_optax import _tree, _validate
+from stac_optax import build as build_lib
 from stac_optax import state as state_lib
-from stac_optax.partition import ADAMW, SIGN, STACPartition
+from stac_optax.labels import ADAMW, SECTION_NAMES, SIGN
+from stac_optax.partition import STACPartition
 
 STATE_ITEM = "state"
 PARTITION_ITEM = "stac_partition"
@@ -72,8 +73,8 @@ def _parameter_names(tree: Any, known: Collection[str]) -> set[str] | None:
   }
 
 
-def _compare(what: str, got: dict, expected: dict, owner_of: Mapping[str, str]) -> list[str]:
-  got = {owner_of.get(n, n): s for n, s in got.items()}
+def _compare(what: str, got: dict, expected: dict, part: STACPartition) -> list[str]:
+  got = {part.owner(n): s for n, s in got.items()}
   problems = []
   extra = sorted(set(got) - set(expected))
   missing = sorted(set(expected) - set(got))
@@ -95,16 +96,15 @@ def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = Fal
   leaves that are no parameter there (batch statistics, RNG state) are not
   reported as extra, nor is anything of a ``whole_model`` state.
   """
-  owner_of = dict(part.parameter_aliases)
-  known = set(part.trainable_array_names + part.frozen_parameter_names) | set(owner_of)
-  got = {owner_of.get(n, n): shape for n, shape in _names_and_shapes(params, known).items()}
+  aliases = {alias for alias, _ in part.parameter_aliases}
+  known = set(part.trainable_array_names + part.frozen_parameter_names) | aliases
+  got = {part.owner(n): shape for n, shape in _names_and_shapes(params, known).items()}
   shapes = dict(part.parameter_shapes)
   problems = []
-  sections = {SIGN: "trunk", ADAMW: "cap"}
-  for section in ("trunk", "cap"):
-    names = [
+  for section in (SECTION_NAMES[SIGN], SECTION_NAMES[ADAMW]):
+    names = [  # a cut stacked array: with the trunk's
         n for n in part.trainable_array_names
-        if sections.get(part.label_of(n), "trunk") == section  # a cut stacked array: trunk
+        if SECTION_NAMES.get(part.label_of(n), SECTION_NAMES[SIGN]) == section
     ]
     missing = [n for n in names if n not in got]
     if missing:
@@ -116,7 +116,7 @@ def _compare_params(part: STACPartition, params: Any, *, whole_model: bool = Fal
     problems += reshaped[:4]
   candidates = None if whole_model else _parameter_names(params, known)
   if candidates is not None:
-    extra = sorted({owner_of.get(n, n) for n in candidates} - known)
+    extra = sorted({part.owner(n) for n in candidates} - known)
     if extra:
       problems.append(f"the params hold parameters outside the partition: {_tree.short_list(extra)}")
   return problems
@@ -140,7 +140,7 @@ def _moved_modules(part: STACPartition, cap_parameter_names: Sequence[str]) -> l
 def _partition(model_or_params_or_partition: Any, partition_kwargs: Mapping[str, Any]) -> STACPartition:
   part = model_or_params_or_partition
   if not isinstance(part, STACPartition) or partition_kwargs:
-    part = partition_lib.partition_modules(part, **partition_kwargs)
+    part = build_lib.partition_modules(part, **partition_kwargs)
   return part
 
 
@@ -165,7 +165,6 @@ def _stac_views(opt_state: Any) -> list[state_lib.StateView]:
 def _state_problems(
     view: state_lib.StateView, part: STACPartition, sign_momentum: float
 ) -> list[str]:
-  owner_of = dict(part.parameter_aliases)
   problems: list[str] = []
   for field in ("mu", "nu", "nu_max"):
     got = view.moments.get(field)
@@ -173,9 +172,9 @@ def _state_problems(
       continue
     got = dict(got or {})
     if field == "mu":
-      problems += _moved_modules(part, [owner_of.get(n, n) for n in got])
-    problems += _compare(f"cap moments {field!r}", got, part.state_entries(ADAMW), owner_of)
-  if float(sign_momentum) == 0.0:
+      problems += _moved_modules(part, [part.owner(n) for n in got])
+    problems += _compare(f"cap moments {field!r}", got, part.state_entries(ADAMW), part)
+  if _validate.momentum_is_zero(sign_momentum):
     if view.momentum:
       problems.append(
           "the trunk holds per-parameter state (a momentum buffer for "
@@ -183,7 +182,7 @@ def _state_problems(
           "has none; pass sign_momentum= if the state was made with one"
       )
   else:
-    problems += _compare("trunk momentum", dict(view.momentum), part.state_entries(SIGN), owner_of)
+    problems += _compare("trunk momentum", dict(view.momentum), part.state_entries(SIGN), part)
   if view.frozen:
     problems.append(f"frozen parameters hold state: {sorted(view.frozen)}")
   return problems

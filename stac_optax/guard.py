@@ -32,12 +32,10 @@ import numpy as np
 import optax
 
 from stac_optax import _tree, held_signs
-from stac_optax import partition as partition_lib
 from stac_optax import stacked as stacked_lib
 from stac_optax import state as state_lib
-from stac_optax.partition import ADAMW, SIGN, STACPartition
-
-_SECTION_NAMES = {SIGN: "trunk (sign section)", ADAMW: "cap (adamw section)"}
+from stac_optax.labels import ADAMW, SECTION_NAMES, SIGN
+from stac_optax.partition import STACPartition
 
 
 class STACState(NamedTuple):
@@ -119,7 +117,7 @@ def _refuse_sparse(updates: Any) -> None:
 
 def _nonfinite_message(section: str, name: str) -> str:
   return (
-      f"Encountered non-finite gradients in the STAC {_SECTION_NAMES[section]}, "
+      f"Encountered non-finite gradients in the STAC {SECTION_NAMES[section]} ({section} section), "
       f"first at {name!r}; no parameter or optimizer state was changed."
   )
 
@@ -209,7 +207,7 @@ def guard_nonfinite(
       updates = jax.tree.map(jnp.negative, updates)
     updates, held = _held_trunk_signs(updates, partition) if trunk_reads_signs else (updates, {})
     labels = jax.tree.leaves(partition.labels(updates))
-    named = partition_lib.leaves_with_names(updates)
+    named = _tree.leaves_with_names(updates)
     checked, positions, names = [], {SIGN: [], ADAMW: []}, {SIGN: [], ADAMW: []}
     for label, (name, leaf) in zip(labels, named, strict=True):
       if label in positions:
@@ -224,7 +222,7 @@ def guard_nonfinite(
           _raise_first_nonfinite,
           sections=tuple((s, tuple(positions[s]), tuple(names[s])) for s in (SIGN, ADAMW)),
       )
-      if partition_lib.is_traced(finite):
+      if _tree.is_traced(finite):
         jax.lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, ok))
       else:
         report(ok)
@@ -255,7 +253,7 @@ def _held_trunk_signs(
 
   def one(path, label, leaf):
     value = _tree.unbox(leaf)
-    cut = path and isinstance(path[-1], stacked_lib.SplitKey)
+    cut = stacked_lib.split_side(path) is not None
     signs = None
     if label == SIGN and not cut and _tree.is_traced(value):
       signs = held_signs.hold_signs(value, held_signs.MIN_HELD_SIZE)
@@ -338,10 +336,10 @@ def nonfinite_skipped_steps(opt_state: optax.OptState) -> int:
   Example:
     >>> import jax.numpy as jnp
     >>> import stac_optax
-    >>> params = {'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.ones(3)}}
+    >>> params = {'stem': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(3)}}
     >>> tx = stac_optax.stac(params)
     >>> state = tx.init(params)
-    >>> _, state = tx.update({'a': {'w': jnp.ones(3)}, 'b': {'w': jnp.full(3, jnp.nan)}},
+    >>> _, state = tx.update({'stem': {'w': jnp.ones(3)}, 'head': {'w': jnp.full(3, jnp.nan)}},
     ...                      state, params)
     >>> stac_optax.nonfinite_skipped_steps(state)
     1

@@ -33,7 +33,7 @@ What this module reads, in order of trust:
 For dict orders, a lost order is detected where it can be (see
 :func:`check_tree_order`): a *provably* lost one raises
 :class:`ModuleOrderError`, a *possibly* lost one that could move the cap warns
-with :class:`ModuleOrderWarning`. Both name the fix. ``module_order=`` (an
+with :class:`~stac_optax.ModuleOrderWarning`. Both name the fix. ``module_order=`` (an
 explicit order) skips the check.
 """
 
@@ -49,16 +49,7 @@ import numpy as np
 
 from stac_optax import _tree, linen_order
 from stac_optax._tree import Path
-from stac_optax.order_checks import (  # noqa: F401  (public here too)
-    FIX,
-    FIX_AFTER_BUILDER,
-    ModuleOrderError,
-    ModuleOrderWarning,
-    check_tree_order,
-    fix,
-    warn_lost_order,
-    warn_sorted_subtrees,
-)
+from stac_optax.order_checks import ModuleOrderError, check_tree_order, fix, warn_lost_order
 
 
 @dataclasses.dataclass
@@ -329,87 +320,106 @@ def _attribute_order(node: Any) -> tuple[list[str], bool]:
   return recorded_names, True
 
 
-def _discover_nnx(
-    model: Any, check_order: bool, candidate: Any = None, from_builder: bool = False
-) -> Discovery:
+def _ordered_children(node: Any) -> tuple[list[tuple[Hashable, Any]], bool]:
+  """An NNX graph node's children in creation order, and whether that order
+  is known (see :func:`_attribute_order`)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from flax.nnx import graph  # pylint: disable=import-outside-toplevel
 
-  node_paths: list[Path] = []
-  parameters: list[tuple[Path, Any]] = []
-  trains: list[bool] = []
-  owner: dict[int, Path] = {}
-  visited: set[int] = set()
-  unknown_order: list[str] = []
+  children = list(graph.get_node_impl(node).node_dict(node).items())
+  known = True
+  if isinstance(node, nnx.Pytree):
+    order, known = _attribute_order(node)
+  elif isinstance(node, Mapping):
+    order = list(node)
+  else:
+    return children, True  # lists and tuples: index order already
+  rank = {str(k): i for i, k in enumerate(order)}
+  children.sort(key=lambda kv: rank.get(str(kv[0]), len(rank)))
+  return [(k, v) for k, v in children if not str(k).startswith("_pytree__")], known
 
-  def consider(path: Path, leaf: Any) -> None:
+
+class _NnxWalk:
+  """A pre-order walk of an NNX module in creation order."""
+
+  def __init__(self, candidate: Any):
+    self.candidate = candidate
+    self.node_paths: list[Path] = []
+    self.parameters: list[tuple[Path, Any]] = []
+    self.trains: list[bool] = []
+    self.owner: dict[int, Path] = {}
+    self.visited: set[int] = set()
+    self.unknown_order: list[str] = []
+
+  def consider(self, path: Path, leaf: Any) -> None:
     """A variable or array the module holds: a parameter where
     :func:`~stac_optax._tree.parameter_role` says so (a shared one at its
     first owner only; NNX lists a plain array at each of its paths)."""
     if not isinstance(leaf, (jax.Array, np.ndarray)):
-      if id(leaf) in owner:
+      if id(leaf) in self.owner:
         return
-      owner[id(leaf)] = path
-    selected = None if candidate is None else bool(candidate(path, leaf))
+      self.owner[id(leaf)] = path
+    selected = None if self.candidate is None else bool(self.candidate(path, leaf))
     role = _tree.parameter_role(leaf, selected, in_nnx_module=True)
     if role is not None:
-      parameters.append((path, leaf))
-      trains.append(role)
+      self.parameters.append((path, leaf))
+      self.trains.append(role)
 
-  def ordered_children(node: Any) -> tuple[list[tuple[Hashable, Any]], bool]:
-    children = list(graph.get_node_impl(node).node_dict(node).items())
-    known = True
-    if isinstance(node, nnx.Pytree):
-      order, known = _attribute_order(node)
-    elif isinstance(node, Mapping):
-      order = list(node)
-    else:
-      return children, True  # lists and tuples: index order already
-    rank = {str(k): i for i, k in enumerate(order)}
-    children.sort(key=lambda kv: rank.get(str(kv[0]), len(rank)))
-    return [(k, v) for k, v in children if not str(k).startswith("_pytree__")], known
+  def visit(self, node: Any, path: Path) -> None:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from flax.nnx import graph  # pylint: disable=import-outside-toplevel
 
-  def visit(node: Any, path: Path) -> None:
-    if id(node) in visited:  # a shared module counts at its first owner
+    if id(node) in self.visited:  # a shared module counts at its first owner
       return
-    visited.add(id(node))
-    node_paths.append(path)
-    children, known = ordered_children(node)
+    self.visited.add(id(node))
+    self.node_paths.append(path)
+    children, known = _ordered_children(node)
     owning_children = 0
     for key, child in children:
       child_path = (*path, key)
-      before = len(parameters)
+      before = len(self.parameters)
       if isinstance(child, nnx.Variable):
-        consider(child_path, child)
+        self.consider(child_path, child)
       elif graph.is_node(child):
-        visit(child, child_path)
+        self.visit(child, child_path)
       elif _tree.is_nnx_array(child):
-        consider(child_path, child)
-      owning_children += len(parameters) > before
+        self.consider(child_path, child)
+      owning_children += len(self.parameters) > before
     if not known and owning_children > 1:
-      unknown_order.append(_tree.module_name(path))
+      self.unknown_order.append(_tree.module_name(path))
 
-  visit(model, ())
-  if unknown_order and check_order:
+  def aliases(self, model: Any) -> dict[str, str]:
+    """``nnx.state`` lists a shared variable once, under the path its own
+    (sorted) traversal meets first: that path -> the first owner's, in
+    creation order."""
+    from flax.nnx import graph  # pylint: disable=import-outside-toplevel
+
+    aliases: dict[str, str] = {}
+    seen: set[int] = set()
+    found = {id(leaf) for _, leaf in self.parameters if id(leaf) in self.owner}
+    for path, value in graph.iter_graph(model):
+      if id(value) in found and id(value) not in seen:
+        seen.add(id(value))
+        tree_name = _tree.path_name(path)
+        owner_name = _tree.path_name(self.owner[id(value)])
+        if tree_name != owner_name:
+          aliases[tree_name] = owner_name
+    return aliases
+
+
+def _discover_nnx(
+    model: Any, check_order: bool, candidate: Any = None, from_builder: bool = False
+) -> Discovery:
+  walk = _NnxWalk(candidate)
+  walk.visit(model, ())
+  if walk.unknown_order and check_order:
     warn_lost_order(
-        f"NNX rebuilt module(s) {_tree.short_list(unknown_order)} in sorted "
+        f"NNX rebuilt module(s) {_tree.short_list(walk.unknown_order)} in sorted "
         "attribute order (nnx.jit, nnx.split + nnx.merge, nnx.clone, "
         "nnx.eval_shape do) and this Flax version records no creation order "
         "for them: the cap may be the alphabetically last modules. " + fix(from_builder)
     )
-
-  # nnx.state lists a shared variable once, under the path its own (sorted)
-  # traversal meets first; map that path to the first owner in creation order.
-  aliases: dict[str, str] = {}
-  seen: set[int] = set()
-  found = {id(leaf) for _, leaf in parameters if id(leaf) in owner}
-  for path, value in graph.iter_graph(model):
-    if id(value) in found and id(value) not in seen:
-      seen.add(id(value))
-      tree_name, owner_name = _tree.path_name(path), _tree.path_name(owner[id(value)])
-      if tree_name != owner_name:
-        aliases[tree_name] = owner_name
-  return Discovery(node_paths, parameters, aliases, trains=trains)
+  return Discovery(walk.node_paths, walk.parameters, walk.aliases(model), trains=walk.trains)
 
 
 # --------------------------------------------------------------------------

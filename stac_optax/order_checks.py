@@ -10,6 +10,7 @@ these checks.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -151,29 +152,28 @@ def check_tree_order(
   return _sorted_subtrees(found)
 
 
-def _below(path: Path, top: Path) -> bool:
-  return tuple(path[: len(top)]) == tuple(top)
-
-
 def _sorted_subtrees(found: list[_Level]) -> tuple[Path, ...]:
   unsorted = [level.path for level in found if not level.is_sorted]
   subtrees: list[Path] = []
   for level in found:  # pre-order: outer levels first
     if not (level.is_sorted and level.movable):
       continue
-    if any(_below(level.path, top) for top in subtrees):
+    if any(_tree.starts_with(level.path, top) for top in subtrees):
       continue
-    if not any(_below(path, level.path) for path in unsorted):
+    if not any(_tree.starts_with(path, level.path) for path in unsorted):
       subtrees.append(level.path)
   return tuple(subtrees)
 
 
 def warn_sorted_subtrees(
-    subtrees: Sequence[Path], *, skip: Sequence[Path] = (), from_builder: bool = False
+    subtrees: Sequence[Path], *, skip: Sequence[str] = (), from_builder: bool = False
 ) -> None:
   """Warns about the sorted subtrees :func:`check_tree_order` returned,
-  except those at or under a path in ``skip``."""
-  named = [_tree.path_name(p) for p in subtrees if not any(_below(p, top) for top in skip)]
+  except those at or under a module named in ``skip``."""
+  named = [
+      name for name in map(_tree.path_name, subtrees)
+      if not any(_tree.name_starts_with(name, top) for top in skip)
+  ]
   if not named:
     return
   warn_lost_order(
@@ -253,7 +253,7 @@ def warn_lost_order(message: str) -> None:
   """Warns with :class:`ModuleOrderWarning` at the first frame outside
   stac_optax, jax and flax (a builder is called from inside jax)."""
   dirs = _library_dirs()
-  frame, level = sys._getframe(0), 1  # pylint: disable=protected-access
+  frame, level = inspect.currentframe(), 1
   while frame is not None and frame.f_code.co_filename.startswith(dirs):
     frame, level = frame.f_back, level + 1
   warnings.warn(message, ModuleOrderWarning, stacklevel=level)

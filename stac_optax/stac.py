@@ -1,252 +1,89 @@
 """``stac(...)``: the sign trunk and the AdamW cap behind one optax transformation."""
 
 import functools
-import math
-import numbers
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from stac_optax import partition as partition_lib
+from stac_optax import _validate, transforms
+from stac_optax import build as build_lib
 from stac_optax import stacked as stacked_lib
-from stac_optax import transforms
-from stac_optax.guard import (
-    NonFiniteGradientError,
-    STACState,
-    guard_nonfinite,
-    nonfinite_skipped_steps,
+from stac_optax._validate import Range
+from stac_optax.guard import guard_nonfinite
+from stac_optax.labels import ADAMW, FROZEN, SIGN
+from stac_optax.partition import STACPartition
+
+_UNIT = Range(0.0, 1.0, high_open=True)
+# stac's numeric arguments, checked in this order: (name, allowed values)
+_NUMBERS = (
+    ("sign_lr_scale", "> 0", Range(0.0, low_open=True)),
+    ("b1", "in [0, 1)", _UNIT),
+    ("b2", "in [0, 1)", _UNIT),
+    ("eps", ">= 0", Range(0.0)),
+    ("weight_decay", ">= 0", Range(0.0)),
+    ("sign_weight_decay", ">= 0 (or None)", Range(0.0)),
+    ("adamw_weight_decay", ">= 0 (or None)", Range(0.0)),
+    ("sign_momentum", "in [0, 1) (or None)", _UNIT),
 )
-from stac_optax.partition import ADAMW, FROZEN, SIGN
-
-# the guard's public names stay importable from here, where they were first
-__all__ = ("NonFiniteGradientError", "STACState", "nonfinite_skipped_steps", "stac", "weight_decay_mask")
-
-# --------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    allowed: str,
-) -> None:
-  """Checks a concrete scalar; traced values (inject_hyperparams) pass."""
-  if partition_lib.is_traced(value):
-    return
-  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    if np.ndim(value) != 0:
-      raise TypeError(f"{name} must be a scalar, got shape {np.shape(value)}.")
-    value = np.asarray(value).item()
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number {allowed}, got {value!r}.")
-  value = float(value)
-  ok = not math.isnan(value)
-  if ok and low is not None:
-    ok = value > low if low_open else value >= low
-  if ok and high is not None:
-    ok = value < high if high_open else value <= high
-  if not ok:
-    raise ValueError(f"{name} must be {allowed}, got {value}.")
+_MAY_BE_NONE = ("sign_weight_decay", "adamw_weight_decay", "sign_momentum")
+_FLAGS = (
+    "exclude_bias_from_weight_decay", "exclude_1d_from_weight_decay", "amsgrad", "maximize",
+    "error_if_nonfinite", "skip_nonfinite",
+)
+_DTYPES = ("sign_state_dtype", "mu_dtype", "sign_update_dtype")
+_PARTITION_ARGUMENTS = (
+    "last_n_modules", "last_n_ratio", "adamw_ratio", "trainable", "module_order", "wrt",
+    "stacked_modules",
+)
 
 
-def _check_bool(name: str, value: Any) -> None:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be True or False, got {value!r}.")
-
-
-def _check_float_dtype(name: str, value: Any) -> Any:
-  if value is None:
-    return None
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError:
-    raise TypeError(f"{name} must be a floating dtype or None, got {value!r}.") from None
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f"{name} must be a floating dtype (e.g. jnp.bfloat16, jnp.float32) "
-        f"or None, got {dtype}."
+def _checked(arguments: dict[str, Any]) -> dict[str, Any]:
+  """``stac``'s arguments, checked (the partition's are checked where it is
+  built); dtypes canonical."""
+  if not callable(arguments["learning_rate"]):
+    _validate.number(
+        "learning_rate", arguments["learning_rate"], ">= 0 (or an optax schedule)", Range(0.0)
     )
-  return dtype
-
-
-def _check_learning_rate(learning_rate: Any) -> None:
-  if callable(learning_rate):
-    return
-  _check_number("learning_rate", learning_rate, low=0.0, allowed=">= 0 (or an optax schedule)")
-
-
-# --------------------------------------------------------------------------
-# Weight-decay exemptions
-# --------------------------------------------------------------------------
-
-
-def _decays(
-    path: Any, leaf: Any, *, exclude_bias: bool, exclude_1d: bool, stacked: tuple[str, ...]
-) -> bool:
-  if path and isinstance(path[-1], stacked_lib.SplitKey):
-    path = path[:-1]  # one side of a stacked array cut at the cap boundary
-  if exclude_bias and path and partition_lib.path_name(path[-1:]) == "bias":
-    return False
-  ndim = jnp.ndim(partition_lib._unbox(leaf))  # pylint: disable=protected-access
-  name = partition_lib.path_name(path)
-  if any(not prefix or name.startswith(prefix + "/") for prefix in stacked):
-    ndim -= 1  # a layer's own parameter has one axis less
-  if exclude_1d and ndim <= 1:
-    return False
-  return True
-
-
-def weight_decay_mask(
-    params: Any,
-    *,
-    exclude_bias: bool = True,
-    exclude_1d: bool = True,
-    stacked_modules: Mapping[str, int] | None = None,
-) -> Any:
-  """Which leaves get decoupled weight decay under STAC's exemption rules.
-
-  A leaf whose own (last) path key is ``bias`` is exempt when
-  ``exclude_bias``; a leaf with ``ndim <= 1`` (biases, norm scales, scalars)
-  is exempt when ``exclude_1d``. Under a stacked module the rule applies to
-  each layer: a stacked norm scale of shape ``(L, d)`` is exempt. Use it as
-  ``mask=`` of :func:`optax.adamw` for an AdamW baseline with STAC's
-  exemptions.
-
-  Args:
-    params: a parameter (or update) tree.
-    exclude_bias: exempt leaves named ``bias``.
-    exclude_1d: exempt leaves with ``ndim <= 1`` (per layer, under a
-      stacked module).
-    stacked_modules: the stacked modules, path -> layer axis, as given to
-      :func:`stac_optax.stac` (``STACPartition.stacked_axes`` holds them).
-
-  Returns:
-    A tree of bools with the structure of ``params``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import stac_optax
-    >>> stac_optax.weight_decay_mask(
-    ...     {'dense': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
-    ...      'norm': {'scale': jnp.ones(2)}})
-    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
-    >>> stac_optax.weight_decay_mask(  # six stacked layers
-    ...     {'blocks': {'up': {'kernel': jnp.zeros((6, 3, 2))}, 'norm': {'scale': jnp.ones((6, 2))}}},
-    ...     stacked_modules={'blocks': 0})
-    {'blocks': {'norm': {'scale': False}, 'up': {'kernel': True}}}
-  """
-  if stacked_modules is not None and not isinstance(stacked_modules, Mapping):
-    raise TypeError(
-        "stacked_modules must be a mapping from a stacked module's path to its "
-        f"layer axis (e.g. {{'blocks': 0}}), got {stacked_modules!r}."
-    )
-  stacked = tuple(str(name).strip("/") for name in (stacked_modules or {}))
-  return jax.tree_util.tree_map_with_path(
-      functools.partial(
-          _decays, exclude_bias=exclude_bias, exclude_1d=exclude_1d, stacked=stacked
-      ),
-      params,
-      is_leaf=partition_lib.is_parameter_leaf,
-  )
-
-
-def _split_layers(
-    tx: optax.GradientTransformationExtraArgs, partition: partition_lib.STACPartition
-) -> optax.GradientTransformationExtraArgs:
-  """``tx`` run on trees whose cut stacked arrays are given to both sections.
-
-  Gradients and params are split (:meth:`STACPartition.split`) before ``tx``
-  sees them and its updates merged back (each layer from its own section);
-  ``tx``'s state is returned as it is.
-  """
-
-  def init_fn(params):
-    return tx.init(partition.split(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, state = tx.update(
-        partition.split(updates),
-        state,
-        None if params is None else partition.split(params),
-        **extra_args,
-    )
-    return partition.merge(new_updates), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _own_layers(
-    tx: optax.GradientTransformation, partition: partition_lib.STACPartition, section: str
-) -> optax.GradientTransformationExtraArgs:
-  """``tx`` (a stateful, elementwise link) on its own section's layers.
-
-  Of the side of each cut stacked array that ``section`` holds, ``tx`` sees
-  the section's layers only: its state (moments, momentum buffers) is the
-  size of those layers, and its output is padded back to the whole array
-  with zeros, which :meth:`STACPartition.merge` never selects.
-  """
-  tx = optax.with_extra_args_support(tx)
-  key = stacked_lib.TRUNK_KEY if section == SIGN else stacked_lib.CAP_KEY
-
-  def cut_of(path):
-    if path and isinstance(path[-1], stacked_lib.SplitKey) and path[-1].name == key:
-      return partition.layer_cut(partition_lib.path_name(path[:-1]))
-    return None
-
-  def narrow(tree):
-    def one(path, x):
-      cut = cut_of(path)
-      if cut is None:
-        return x
-      axis, k, layers = cut
-      start, stop = (0, k) if section == SIGN else (k, layers)
-      return stacked_lib.take_layers(partition_lib._unbox(x), axis, start, stop)  # pylint: disable=protected-access
-
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=partition_lib.is_parameter_leaf)
-
-  def widen(tree, like):
-    def one(path, x, whole):
-      cut = cut_of(path)
-      if cut is None:
-        return x
-      axis, k, layers = cut
-      before, after = (0, layers - k) if section == SIGN else (k, 0)
-      return stacked_lib.pad_layers(x, axis, before, after, like=whole)
-
-    return jax.tree_util.tree_map_with_path(one, tree, like)
-
-  def init_fn(params):
-    return tx.init(narrow(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, state = tx.update(
-        narrow(updates), state, None if params is None else narrow(params), **extra_args
-    )
-    return widen(new_updates, updates), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------
-# stac(...)
-# --------------------------------------------------------------------------
+  for name, allowed, within in _NUMBERS:
+    if arguments[name] is not None or name not in _MAY_BE_NONE:
+      _validate.number(name, arguments[name], allowed, within)
+  for name in _FLAGS:
+    _validate.flag(name, arguments[name])
+  return {**arguments, **{name: _validate.float_dtype(name, arguments[name]) for name in _DTYPES}}
 
 
 def _scaled(learning_rate: optax.ScalarOrSchedule, scale: chex.Numeric):
   if callable(learning_rate):
     return lambda count: scale * learning_rate(count)
   return scale * learning_rate
+
+
+def _section_hyperparameters(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    hybrid: bool,
+    sign_lr_scale: chex.Numeric = 1.0,
+    weight_decay: chex.Numeric = 0.0,
+    sign_weight_decay: chex.Numeric | None = None,
+    adamw_weight_decay: chex.Numeric | None = None,
+) -> tuple[optax.ScalarOrSchedule, chex.Numeric, chex.Numeric]:
+  """STAC's rates and decays per section, as ``stac-optimizer`` resolves them.
+
+  In hybrid mode (both sections hold modules) the trunk's rate is
+  ``sign_lr_scale * learning_rate`` and its decay defaults to ``0.5 *
+  weight_decay``; otherwise its rate is ``learning_rate`` and its decay
+  ``weight_decay``. The cap's decay defaults to ``weight_decay``.
+
+  Returns:
+    ``(trunk rate, trunk decay, cap decay)``.
+  """
+  if sign_weight_decay is None:
+    sign_weight_decay = 0.5 * weight_decay if hybrid else weight_decay
+  if adamw_weight_decay is None:
+    adamw_weight_decay = weight_decay
+  trunk_rate = _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate
+  return trunk_rate, sign_weight_decay, adamw_weight_decay
 
 
 def stac(
@@ -403,84 +240,46 @@ def stac(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  _check_learning_rate(learning_rate)
-  _check_number("sign_lr_scale", sign_lr_scale, low=0.0, low_open=True, allowed="> 0")
-  _check_number("b1", b1, low=0.0, high=1.0, high_open=True, allowed="in [0, 1)")
-  _check_number("b2", b2, low=0.0, high=1.0, high_open=True, allowed="in [0, 1)")
-  _check_number("eps", eps, low=0.0, allowed=">= 0")
-  _check_number("weight_decay", weight_decay, low=0.0, allowed=">= 0")
-  for name, value in (
-      ("sign_weight_decay", sign_weight_decay),
-      ("adamw_weight_decay", adamw_weight_decay),
-  ):
-    if value is not None:
-      _check_number(name, value, low=0.0, allowed=">= 0 (or None)")
-  if sign_momentum is not None:
-    _check_number(
-        "sign_momentum", sign_momentum, low=0.0, high=1.0, high_open=True,
-        allowed="in [0, 1) (or None)",
-    )
-  for name, value in (
-      ("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay),
-      ("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay),
-      ("amsgrad", amsgrad),
-      ("maximize", maximize),
-      ("error_if_nonfinite", error_if_nonfinite),
-      ("skip_nonfinite", skip_nonfinite),
-  ):
-    _check_bool(name, value)
-  sign_state_dtype = _check_float_dtype("sign_state_dtype", sign_state_dtype)
-  mu_dtype = _check_float_dtype("mu_dtype", mu_dtype)
-  sign_update_dtype = _check_float_dtype("sign_update_dtype", sign_update_dtype)
-
-  partition = partition_lib.partition_modules(
-      model_or_params,
-      last_n_modules=last_n_modules,
-      last_n_ratio=last_n_ratio,
-      adamw_ratio=adamw_ratio,
-      trainable=trainable,
-      module_order=module_order,
-      wrt=wrt,
-      stacked_modules=stacked_modules,
+  args = _checked(dict(locals()))
+  partition = build_lib.partition_modules(
+      model_or_params, **{name: args[name] for name in _PARTITION_ARGUMENTS}
   )
-  hybrid = partition.is_hybrid
-  if sign_weight_decay is None:
-    sign_weight_decay = 0.5 * weight_decay if hybrid else weight_decay
-  if adamw_weight_decay is None:
-    adamw_weight_decay = weight_decay
-
-  decay_mask: Callable[[Any], Any] = functools.partial(
-      weight_decay_mask,
-      exclude_bias=exclude_bias_from_weight_decay,
-      exclude_1d=exclude_1d_from_weight_decay,
-      stacked_modules=partition.stacked_axes,
-  )
-  # The chains of transforms.sign_trunk and transforms.adamw_cap; with cut
-  # stacked arrays, their stateful first links see their own layers only.
-  direction = transforms.scale_by_sign_momentum(
-      0.0 if sign_momentum is None else sign_momentum, sign_state_dtype, sign_update_dtype
-  )
-  moments = transforms.adam_moments(b1, b2, eps, mu_dtype, amsgrad)
-  trunk_reads_signs = sign_momentum is None or (
-      not partition_lib.is_traced(sign_momentum) and float(sign_momentum) == 0.0
-  )
-  if partition.splits_layers:
-    if not trunk_reads_signs:
-      direction = _own_layers(direction, partition, SIGN)  # the buffer: trunk layers only
-    moments = _own_layers(moments, partition, ADAMW)
-  trunk = transforms.decayed_and_scaled(
-      direction,
-      _scaled(learning_rate, sign_lr_scale) if hybrid else learning_rate,
-      sign_weight_decay,
-      decay_mask,
-  )
-  cap = transforms.decayed_and_scaled(moments, learning_rate, adamw_weight_decay, decay_mask)
+  trunk, cap = _trunk_and_cap(args, partition)
   inner = optax.partition(
-      {SIGN: trunk, ADAMW: cap, FROZEN: transforms.keep_unchanged()},
-      partition.labels,
+      {SIGN: trunk, ADAMW: cap, FROZEN: transforms.keep_unchanged()}, partition.labels
   )
   guarded = guard_nonfinite(
       inner, partition, maximize=maximize, error_if_nonfinite=error_if_nonfinite,
-      skip_nonfinite=skip_nonfinite, trunk_reads_signs=trunk_reads_signs,
+      skip_nonfinite=skip_nonfinite, trunk_reads_signs=_validate.momentum_is_zero(sign_momentum),
   )
-  return _split_layers(guarded, partition) if partition.splits_layers else guarded
+  return stacked_lib.cut_at_cap(guarded, partition.layer_plan)
+
+
+def _trunk_and_cap(
+    args: dict[str, Any], partition: STACPartition
+) -> tuple[optax.GradientTransformation, optax.GradientTransformationExtraArgs]:
+  """:func:`~stac_optax.sign_trunk` and :func:`~stac_optax.adamw_cap` with
+  ``stac``'s checked arguments, the partition's decay mask and layer plan."""
+  trunk_rate, trunk_decay, cap_decay = _section_hyperparameters(
+      args["learning_rate"], hybrid=partition.is_hybrid, sign_lr_scale=args["sign_lr_scale"],
+      weight_decay=args["weight_decay"], sign_weight_decay=args["sign_weight_decay"],
+      adamw_weight_decay=args["adamw_weight_decay"],
+  )
+  mask = functools.partial(
+      transforms.weight_decay_mask,
+      exclude_bias=args["exclude_bias_from_weight_decay"],
+      exclude_1d=args["exclude_1d_from_weight_decay"],
+      stacked_modules=partition.stacked_axes,
+  )
+  momentum = args["sign_momentum"]
+  trunk = transforms.sign_trunk(
+      trunk_rate, weight_decay=trunk_decay, weight_decay_mask=mask,
+      momentum=0.0 if momentum is None else momentum, state_dtype=args["sign_state_dtype"],
+      update_dtype=args["sign_update_dtype"], layer_plan=partition.layer_plan,
+  )
+  cap = transforms.adamw_cap(
+      args["learning_rate"], b1=args["b1"], b2=args["b2"], eps=args["eps"],
+      weight_decay=cap_decay, weight_decay_mask=mask, mu_dtype=args["mu_dtype"],
+      amsgrad=args["amsgrad"], layer_plan=partition.layer_plan,
+  )
+  return trunk, cap

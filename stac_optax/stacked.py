@@ -17,33 +17,37 @@ Which modules are stacked, and along which axis, comes from
 ``stacked_modules=`` (``{'blocks': 0}``), or from the logical axis name
 ``'layers'`` that ``nn.scan(..., metadata_params={nn.PARTITION_NAME:
 'layers'})`` and ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME:
-'layers'})`` put on partitioned parameters.
+'layers'})`` put on partitioned parameters (:func:`stac_optax.find_stacked.resolve`).
+
+This module holds the one representation of a stacked module
+(:class:`StackedModule`) and of where the cap boundary cuts its arrays
+(:class:`LayerPlan`), and the two transformations that apply a cut:
+:func:`cut_at_cap` gives each section its side of every cut array and
+takes each layer of the update from its own section; :func:`own_layers`
+gives a stateful link (AdamW moments, the sign momentum) its own section's
+layers alone, so that its state has exactly the bytes of the unrolled
+model's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
 from stac_optax import _tree
-from stac_optax._tree import Path
 
-LAYER_AXIS_NAME = "layers"
 TRUNK_KEY = "<trunk>"
 CAP_KEY = "<cap>"
 
-_FORMS = (
-    "stacked_modules must be a mapping from a stacked module's path to the "
-    "axis of its parameters that indexes the layers ({'blocks': 0}, MaxText's "
-    "{'decoder/layers': 1}), a logical axis name to read from partitioned "
-    "parameters ('layers'), or None (read the axis name 'layers'); {} turns "
-    "stacking off"
-)
+
+# --------------------------------------------------------------------------
+# A cut array's two sides
+# --------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,217 +100,190 @@ def is_unit(x: Any) -> bool:
   return is_layer_split(x) or _tree.is_parameter_leaf(x)
 
 
-@dataclasses.dataclass(frozen=True)
-class Stacked:
-  """One stacked module: its path, its layer axis and its number of layers."""
+def split_side(path: Sequence[Any]) -> str | None:
+  """``<trunk>`` or ``<cap>`` where ``path`` leads to one side of a
+  :class:`LayerSplit`, else ``None``."""
+  return path[-1].name if path and isinstance(path[-1], SplitKey) else None
 
-  path: Path
+
+# --------------------------------------------------------------------------
+# A stacked module and where the cap cuts its arrays
+# --------------------------------------------------------------------------
+
+
+def _as_name(path_or_name: str | Sequence[Any]) -> str:
+  return path_or_name if isinstance(path_or_name, str) else _tree.path_name(path_or_name)
+
+
+class StackedModule(NamedTuple):
+  """One stacked module: its path name, the axis of its parameters that
+  indexes its layers, and its number of layers. It is the tuple ``(name,
+  axis, layers)`` that :attr:`stac_optax.STACPartition.stacked_modules`
+  holds and :meth:`stac_optax.STACPartition.to_dict` saves."""
+
+  name: str
   axis: int
   layers: int
 
   @property
-  def name(self) -> str:
-    return _tree.path_name(self.path)
+  def path(self) -> tuple[str, ...]:
+    """The module's keys, as they appear in its name."""
+    return tuple(self.name.split("/")) if self.name else ()
 
-  def holds(self, path: Sequence[Any]) -> bool:
-    """Whether a parameter path lies under this module."""
-    return len(path) > len(self.path) and tuple(path[: len(self.path)]) == self.path
+  def holds(self, path_or_name: str | Sequence[Any]) -> bool:
+    """Whether a parameter or module (its name, or its path of keys) lies
+    under this module."""
+    return _tree.name_is_below(_as_name(path_or_name), self.name)
 
-  def layer_name(self, layer: int, relative: Sequence[Any]) -> str:
-    """The unrolled name of ``relative`` (a path below the module) in one layer."""
-    return _tree.path_name((*self.path, str(layer), *relative))
-
-
-def _layer_count(path: Path, leaf: Any, axis: int, module: str) -> int:
-  shape = np.shape(_tree.unbox(leaf))
-  if axis >= len(shape):
-    raise ValueError(
-        f"stacked module {module!r} has layer axis {axis}, but its parameter "
-        f"{_tree.path_name(path)!r} has shape {tuple(shape)} (only "
-        f"{len(shape)} axes)."
-    )
-  return int(shape[axis])
+  def layer_name(self, layer: int, relative: str | Sequence[Any]) -> str:
+    """The unrolled name of ``relative`` (a name or path below the module)
+    in one layer: ``blocks/3/up/kernel`` for ``up/kernel`` in layer 3."""
+    return "/".join(part for part in (self.name, str(layer), _as_name(relative)) if part)
 
 
-def _axis_names(leaf: Any) -> tuple[Any, ...] | None:
-  """The logical axis names a partitioned parameter carries, if any."""
-  names = getattr(leaf, "names", None)  # linen nn.Partitioned
-  if isinstance(names, tuple):
-    return names
-  get_metadata = getattr(leaf, "get_metadata", None)  # NNX variables
-  if callable(get_metadata):
-    metadata = get_metadata()
-    for key in ("out_sharding", "sharding_names", "sharding"):
-      value = metadata.get(key)
-      if isinstance(value, tuple):
-        return value
-  return None
+def holding(path_or_name: str | Sequence[Any], stacks: Sequence[StackedModule]) -> StackedModule | None:
+  """The stacked module that ``path_or_name`` lies under, if any."""
+  return next((stack for stack in stacks if stack.holds(path_or_name)), None)
 
 
-def _explicit(
-    mapping: Mapping[Any, Any], parameters: list[tuple[Path, Any]], node_paths: list[Path]
-) -> list[Stacked]:
-  by_name = {_tree.path_name(p): p for p in node_paths}
-  found: list[Stacked] = []
-  for name, axis in mapping.items():
-    if not isinstance(name, str):
-      raise TypeError(f"{_FORMS}; got the key {name!r}, not a module path string.")
-    if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, np.integer)):
-      raise TypeError(f"{_FORMS}; the axis of {name!r} is {axis!r}, not an int.")
-    axis = int(axis)
-    if axis < 0:
-      raise ValueError(
-          f"stacked_modules[{name!r}] = {axis}: give the layer axis as a "
-          "non-negative index (parameters of one block may differ in rank)."
-      )
-    path = by_name.get(name.strip("/"))
-    under = [] if path is None else [(p, leaf) for p, leaf in parameters if Stacked(path, 0, 0).holds(p)]
-    if not under:
-      candidates = sorted(
-          {_tree.path_name(p[:-1]) for p, _ in parameters if len(p) > 1}
-          | {_tree.path_name(p[:i]) for p, _ in parameters for i in range(1, len(p) - 1)}
-      )
-      raise ValueError(
-          f"stacked_modules names {name!r}, which is not a module holding "
-          f"parameters; modules: {_tree.short_list(candidates)}."
-      )
-    counts = {_layer_count(p, leaf, axis, name) for p, leaf in under}
-    if len(counts) != 1:
-      shapes = ", ".join(
-          f"{_tree.path_name(p)} {tuple(np.shape(_tree.unbox(leaf)))}" for p, leaf in under[:6]
-      )
-      raise ValueError(
-          f"the parameters of stacked module {name!r} disagree on the number "
-          f"of layers along axis {axis} ({sorted(counts)}): {shapes}."
-      )
-    found.append(Stacked(tuple(path), axis, counts.pop()))
-  return found
+class LayerCut(NamedTuple):
+  """Where the cap boundary cuts a stacked array: its first ``k`` of
+  ``layers`` layers (along ``axis``) are in the trunk, the others in the cap."""
+
+  axis: int
+  k: int
+  layers: int
+
+  def own(self, side: str) -> tuple[int, int]:
+    """``(start, stop)`` of the layers of one side (``<trunk>`` or ``<cap>``)."""
+    return (0, self.k) if side == TRUNK_KEY else (self.k, self.layers)
+
+  def padding(self, side: str) -> tuple[int, int]:
+    """The layers before and after one side's own layers."""
+    start, stop = self.own(side)
+    return start, self.layers - stop
 
 
-def _from_axis_name(axis_name: str, parameters: list[tuple[Path, Any]]) -> list[Stacked]:
-  """Stacked modules read from the logical axis names of partitioned params.
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """The stacked arrays that the cap boundary cuts, by every name a tree
+  shows them under (a shared variable's aliases included).
 
-  Parameters carrying ``axis_name`` mark their modules as layered. A stacked
-  module is the common parent of the modules under the largest subtree whose
-  every module owns a marked parameter (unmarked ones there, biases say, are
-  stacked too: they must have the same number of layers on the same axis).
+  Attributes:
+    cuts: array name -> its :class:`LayerCut`.
   """
-  layered: dict[Path, int] = {}
-  for path, leaf in parameters:
-    names = _axis_names(leaf)
-    if names and axis_name in names:
-      layered[tuple(path)] = names.index(axis_name)
-  if not layered:
-    return []
-  leaves = {tuple(p): leaf for p, leaf in parameters}
-  modules = list(dict.fromkeys(p[:-1] for p in leaves))
-  marked = {p[:-1] for p in layered}
 
-  def under(prefix: Path, paths) -> list[Path]:
-    return [p for p in paths if p[: len(prefix)] == prefix]
+  cuts: Mapping[str, LayerCut] = dataclasses.field(default_factory=dict)
 
-  def all_marked(prefix: Path) -> bool:
-    inside = under(prefix, modules)
-    return bool(inside) and all(m in marked for m in inside)
+  def __bool__(self) -> bool:
+    return bool(self.cuts)
 
-  tops: list[Path] = []
-  for path in layered:
-    top = path[:-1]
-    while top and all_marked(top[:-1]):
-      top = top[:-1]
-    if top not in tops:
-      tops.append(top)
-  found = []
-  for top in tops:
-    inside = under(top, modules)
-    common = inside[0]
-    for m in inside[1:]:
-      n = 0
-      while n < min(len(common), len(m)) and common[n] == m[n]:
-        n += 1
-      common = common[:n]
-    name = _tree.path_name(common)
-    axes = {layered[p] for p in layered if p[: len(common)] == common}
-    if len(axes) != 1:
-      raise ValueError(
-          f"the parameters under {name!r} carry the axis name {axis_name!r} "
-          f"at different positions ({sorted(axes)}); give stacked_modules="
-          "{path: axis} explicitly."
-      )
-    axis = axes.pop()
-    arrays = [p for p in leaves if len(p) > len(common) and p[: len(common)] == common]
-    counts = {_layer_count(p, leaves[p], axis, name) for p in arrays}
-    if len(counts) != 1:
-      raise ValueError(
-          f"the parameters under {name!r} disagree on the number of layers "
-          f"along their {axis_name!r} axis (axis {axis}): {sorted(counts)}; "
-          "give stacked_modules={path: axis} explicitly, or {} for none."
-      )
-    found.append(Stacked(common, axis, counts.pop()))
-  for stack in found:
-    if not stack.path:
-      continue
-    parent = stack.path[:-1]
-    for module in modules:
-      if module[: len(parent)] != parent or any(
-          module[: len(s.path)] == s.path for s in found
-      ):
-        continue
-      arrays = [np.shape(_tree.unbox(leaf)) for p, leaf in leaves.items() if p[:-1] == module]
-      if arrays and all(len(a) > stack.axis and a[stack.axis] == stack.layers for a in arrays):
-        raise ValueError(
-            f"the axis name {axis_name!r} marks the parameters of {stack.name!r} as "
-            f"stacked, but not those of {_tree.path_name(module)!r} beside it, whose "
-            f"arrays also have {stack.layers} entries on axis {stack.axis}: only some "
-            "parameters of the block may carry the name. Give stacked_modules="
-            "{path: axis} for the whole stacked block, e.g. "
-            f"{{{_tree.path_name(parent)!r}: {stack.axis}}}, or {{}} for none."
-        )
-  return found
+  def cut_of(self, path: Sequence[Any]) -> LayerCut | None:
+    """The cut of the array whose one side ``path`` leads to."""
+    return self.cuts.get(_tree.path_name(path[:-1])) if split_side(path) else None
+
+  def split(self, tree: Any) -> Any:
+    """``tree`` with each cut array replaced by a :class:`LayerSplit` that
+    holds it (unboxed) twice, once for each section; see
+    :meth:`stac_optax.STACPartition.split`."""
+    if not self.cuts or _tree.is_params_placeholder(tree):
+      return tree
+
+    def cut(path, unit):
+      if is_layer_split(unit) or _tree.path_name(path) not in self.cuts:
+        return unit
+      value = _tree.unbox(unit)
+      return LayerSplit(value, value)
+
+    return jax.tree_util.tree_map_with_path(cut, tree, is_leaf=is_unit)
+
+  def merge(self, tree: Any) -> Any:
+    """The inverse of :meth:`split`: each :class:`LayerSplit` becomes one
+    array of its trunk side's trunk layers and its cap side's cap layers."""
+    if not self.cuts:
+      return tree
+
+    def join(path, unit):
+      if not is_layer_split(unit):
+        return unit
+      cut = self.cuts[_tree.path_name(path)]
+      return join_layers(unit, cut.axis, cut.k)
+
+    return jax.tree_util.tree_map_with_path(join, tree, is_leaf=is_unit)
 
 
-def resolve(
-    stacked_modules: Any, parameters: list[tuple[Path, Any]], node_paths: list[Path]
-) -> list[Stacked]:
-  """The stacked modules of a model, checked against its parameters.
+def cut_at_cap(
+    tx: optax.GradientTransformationExtraArgs, plan: LayerPlan
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` run on trees whose cut arrays are given to both sections.
 
-  Args:
-    stacked_modules: a mapping path -> layer axis, a logical axis name, or
-      ``None`` (the axis name ``'layers'``).
-    parameters: every candidate parameter (frozen ones included) with its
-      leaf, as discovery found them.
-    node_paths: every node of the model, pre-order.
-
-  Returns:
-    The stacked modules, outermost first.
-
-  Raises:
-    TypeError: ``stacked_modules`` of the wrong form.
-    ValueError: a path that holds no parameter, an axis a parameter lacks,
-      disagreeing layer counts, or one stacked module inside another.
+  Gradients and params are split (:meth:`LayerPlan.split`) before ``tx``
+  sees them and its updates merged back (each layer from its own section);
+  ``tx``'s state is returned as it is. ``tx`` itself where nothing is cut.
   """
-  if stacked_modules is None:
-    found = _from_axis_name(LAYER_AXIS_NAME, parameters)
-  elif isinstance(stacked_modules, str):
-    found = _from_axis_name(stacked_modules, parameters)
-  elif isinstance(stacked_modules, Mapping):
-    found = _explicit(stacked_modules, parameters, node_paths)
-  else:
-    raise TypeError(f"{_FORMS}; got {stacked_modules!r}.")
-  for outer in found:
-    for inner in found:
-      if inner is not outer and (outer.holds(inner.path) or not outer.path):
-        raise ValueError(
-            f"stacked module {inner.name!r} lies inside stacked module "
-            f"{outer.name!r}; nested stacking is not supported: name the "
-            "outer one only, or unroll one of them."
-        )
-  if not found and stacked_modules:
-    raise ValueError(
-        f"stacked_modules={stacked_modules!r} matched no parameter: no "
-        "parameter carries that logical axis name."
+  if not plan:
+    return tx
+
+  def init_fn(params):
+    return tx.init(plan.split(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(
+        plan.split(updates), state, None if params is None else plan.split(params), **extra_args
     )
-  return found
+    return plan.merge(new_updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def own_layers(
+    tx: optax.GradientTransformation, plan: LayerPlan | None, side: str
+) -> optax.GradientTransformation:
+  """``tx`` (a stateful, elementwise link) on its own section's layers.
+
+  Of the side ``side`` (``<trunk>`` or ``<cap>``) of each cut array, ``tx``
+  sees its section's layers only: its state (moments, momentum buffers) is
+  the size of those layers, and its output is padded back to the whole
+  array with zeros, which :meth:`LayerPlan.merge` never selects. ``tx``
+  itself where nothing is cut.
+  """
+  if not plan:
+    return tx
+  tx = optax.with_extra_args_support(tx)
+
+  def narrow(tree):
+    def one(path, x):
+      cut = plan.cut_of(path) if split_side(path) == side else None
+      if cut is None:
+        return x
+      return take_layers(_tree.unbox(x), cut.axis, *cut.own(side))
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_tree.is_parameter_leaf)
+
+  def widen(tree, like):
+    def one(path, x, whole):
+      cut = plan.cut_of(path) if split_side(path) == side else None
+      if cut is None:
+        return x
+      return pad_layers(x, cut.axis, *cut.padding(side), like=whole)
+
+    return jax.tree_util.tree_map_with_path(one, tree, like)
+
+  def init_fn(params):
+    return tx.init(narrow(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(
+        narrow(updates), state, None if params is None else narrow(params), **extra_args
+    )
+    return widen(new_updates, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Layers of an array
+# --------------------------------------------------------------------------
 
 
 def _explicit_layer_sharding(value: Any, axis: int) -> tuple[Any, int] | None:

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from stac_optax import _tree
-from stac_optax.partition import ADAMW, FROZEN, SIGN
+from stac_optax.labels import ADAMW, FROZEN, SIGN
 
 GROUPS = (SIGN, ADAMW, FROZEN)
 # The layout, relative to a STAC state: its PartitionState's state of each

@@ -1,4 +1,5 @@
-"""Building blocks: the sign trunk, the AdamW cap and PyTorch-style AMSGrad.
+"""Building blocks: the sign trunk, the AdamW cap, PyTorch-style AMSGrad and
+STAC's weight-decay exemptions.
 
 Each function returns an :class:`optax.GradientTransformation` whose state is
 a small ``NamedTuple`` of arrays (or :class:`optax.EmptyState`); they compose
@@ -14,12 +15,17 @@ them in place in the same pass as the update, as for an unguarded step; a
 ``jnp.where`` on the returned state instead makes XLA copy the old moments.
 """
 
+import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
+
+from stac_optax import _tree, _validate
+from stac_optax import stacked as stacked_lib
 
 
 def _step_dtype(dtype: Any, update_dtype: Any | None) -> Any:
@@ -61,8 +67,10 @@ def _honouring_skip(tx: optax.GradientTransformation) -> optax.GradientTransform
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def _is_zero(name: str, value: Any) -> bool:
-  if isinstance(value, jax.core.Tracer):
+def _keeps_buffer(name: str, value: Any) -> bool:
+  """Whether a sign momentum needs a buffer, decided at ``init`` from its
+  concrete value."""
+  if _tree.is_traced(value):
     raise TypeError(
         f"{name} decides whether a momentum buffer exists and must be concrete "
         f"when the state is created, got a traced value. With "
@@ -70,7 +78,7 @@ def _is_zero(name: str, value: Any) -> bool:
         f"static_args=('sign_momentum',) for stac_optax.stac, "
         f"static_args=({name!r},) for this transformation."
     )
-  return float(value) == 0.0
+  return not _validate.momentum_is_zero(value)
 
 
 def scale_by_sign_momentum(
@@ -124,10 +132,10 @@ def scale_by_sign_momentum(
     >>> state.momentum, updates  # m = 0.5 * [2, -0.5] + 0.5 * [-1, -1]
     (Array([ 0.5 , -0.75], dtype=float32), Array([ 1., -1.], dtype=float32))
   """
-  state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
+  state_dtype = _validate.dtype_or_none(state_dtype)
 
   def init_fn(params):
-    if _is_zero("momentum", momentum):
+    if not _keeps_buffer("momentum", momentum):
       return optax.EmptyState()
     return SignMomentumState(
         # zeros_like keeps each parameter's sharding (and layout) for its buffer
@@ -172,6 +180,7 @@ def sign_trunk(
     momentum: chex.Numeric = 0.0,
     state_dtype: Any | None = None,
     update_dtype: Any | None = None,
+    layer_plan: stacked_lib.LayerPlan | None = None,
 ) -> optax.GradientTransformation:
   r"""The STAC trunk step: sign descent with decoupled weight decay.
 
@@ -200,6 +209,10 @@ def sign_trunk(
       convention); ``jnp.float32``: the steps of half-precision leaves are
       carried in float32 and rounded once, when ``optax.apply_updates``
       stores them (PyTorch's rounding).
+    layer_plan: for updates whose stacked arrays the cap boundary cuts
+      (:meth:`STACPartition.split`), the partition's
+      :attr:`~STACPartition.layer_plan`: the momentum buffer then holds the
+      trunk's layers of each cut array only (see :func:`stac`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -216,13 +229,13 @@ def sign_trunk(
     >>> optax.apply_updates(params, updates)['w']
     Array([ 0.85, -1.9 ,  2.95], dtype=float32)
   """
-  return decayed_and_scaled(
-      scale_by_sign_momentum(momentum, state_dtype, update_dtype),
-      learning_rate, weight_decay, weight_decay_mask,
-  )
+  direction = scale_by_sign_momentum(momentum, state_dtype, update_dtype)
+  if not _validate.momentum_is_zero(momentum):  # the buffer: the trunk's layers only
+    direction = stacked_lib.own_layers(direction, layer_plan, stacked_lib.TRUNK_KEY)
+  return _decayed_and_scaled(direction, learning_rate, weight_decay, weight_decay_mask)
 
 
-def decayed_and_scaled(
+def _decayed_and_scaled(
     direction: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: chex.Numeric,
@@ -277,7 +290,7 @@ def scale_by_pytorch_amsgrad(
     >>> updates  # 1 / sqrt(2 / (1 - 0.25))
     Array([0.6123724], dtype=float32)
   """
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _validate.dtype_or_none(mu_dtype)
 
   def init_fn(params):
     zeros = optax.tree.zeros_like(params)
@@ -353,6 +366,7 @@ def adamw_cap(
     weight_decay_mask: Any | None = None,
     mu_dtype: Any | None = None,
     amsgrad: bool = False,
+    layer_plan: stacked_lib.LayerPlan | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The STAC cap: :func:`optax.adamw` (``eps_root=0``), honouring ``skip_step``.
 
@@ -373,6 +387,10 @@ def adamw_cap(
     weight_decay_mask: as for :func:`optax.adamw`'s ``mask``.
     mu_dtype: optional dtype of the first moment.
     amsgrad: use PyTorch's AMSGrad (:func:`scale_by_pytorch_amsgrad`).
+    layer_plan: for updates whose stacked arrays the cap boundary cuts
+      (:meth:`STACPartition.split`), the partition's
+      :attr:`~STACPartition.layer_plan`: the moments then hold the cap's
+      layers of each cut array only (see :func:`stac`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -389,20 +407,12 @@ def adamw_cap(
     >>> bool(optax.tree.allclose(kept, state)), int(kept[0].count)
     (True, 0)
   """
-  return decayed_and_scaled(
-      adam_moments(b1, b2, eps, mu_dtype, amsgrad), learning_rate, weight_decay, weight_decay_mask
-  )
-
-
-def adam_moments(
-    b1: chex.Numeric, b2: chex.Numeric, eps: chex.Numeric, mu_dtype: Any | None, amsgrad: bool
-) -> optax.GradientTransformationExtraArgs:
-  """The first link of :func:`adamw_cap`: Adam's (or PyTorch's AMSGrad's)
-  direction and moments, honouring ``skip_step``."""
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if amsgrad:
-    return scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype)
-  return _scale_by_adam(b1, b2, eps, mu_dtype)
+    moments = scale_by_pytorch_amsgrad(b1, b2, eps, mu_dtype=mu_dtype)
+  else:
+    moments = _scale_by_adam(b1, b2, eps, _validate.dtype_or_none(mu_dtype))
+  moments = stacked_lib.own_layers(moments, layer_plan, stacked_lib.CAP_KEY)  # the cap's layers
+  return _decayed_and_scaled(moments, learning_rate, weight_decay, weight_decay_mask)
 
 
 def keep_unchanged() -> optax.GradientTransformation:
@@ -428,3 +438,78 @@ def keep_unchanged() -> optax.GradientTransformation:
     return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+# --------------------------------------------------------------------------
+# Weight-decay exemptions
+# --------------------------------------------------------------------------
+
+
+def _decays(
+    path: Any, leaf: Any, *, exclude_bias: bool, exclude_1d: bool, stacked: tuple[str, ...]
+) -> bool:
+  if stacked_lib.split_side(path):
+    path = path[:-1]  # one side of a stacked array cut at the cap boundary
+  if exclude_bias and path and _tree.path_name(path[-1:]) == "bias":
+    return False
+  ndim = jnp.ndim(_tree.unbox(leaf))
+  name = _tree.path_name(path)
+  if any(_tree.name_is_below(name, module) for module in stacked):
+    ndim -= 1  # a layer's own parameter has one axis less
+  if exclude_1d and ndim <= 1:
+    return False
+  return True
+
+
+def weight_decay_mask(
+    params: Any,
+    *,
+    exclude_bias: bool = True,
+    exclude_1d: bool = True,
+    stacked_modules: Mapping[str, int] | None = None,
+) -> Any:
+  """Which leaves get decoupled weight decay under STAC's exemption rules.
+
+  A leaf whose own (last) path key is ``bias`` is exempt when
+  ``exclude_bias``; a leaf with ``ndim <= 1`` (biases, norm scales, scalars)
+  is exempt when ``exclude_1d``. Under a stacked module the rule applies to
+  each layer: a stacked norm scale of shape ``(L, d)`` is exempt. Use it as
+  ``mask=`` of :func:`optax.adamw` for an AdamW baseline with STAC's
+  exemptions.
+
+  Args:
+    params: a parameter (or update) tree.
+    exclude_bias: exempt leaves named ``bias``.
+    exclude_1d: exempt leaves with ``ndim <= 1`` (per layer, under a
+      stacked module).
+    stacked_modules: the stacked modules, path -> layer axis, as given to
+      :func:`stac_optax.stac` (``STACPartition.stacked_axes`` holds them).
+
+  Returns:
+    A tree of bools with the structure of ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stac_optax
+    >>> stac_optax.weight_decay_mask(
+    ...     {'dense': {'kernel': jnp.zeros((3, 2)), 'bias': jnp.zeros(2)},
+    ...      'norm': {'scale': jnp.ones(2)}})
+    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
+    >>> stac_optax.weight_decay_mask(  # six stacked layers
+    ...     {'blocks': {'up': {'kernel': jnp.zeros((6, 3, 2))}, 'norm': {'scale': jnp.ones((6, 2))}}},
+    ...     stacked_modules={'blocks': 0})
+    {'blocks': {'norm': {'scale': False}, 'up': {'kernel': True}}}
+  """
+  if stacked_modules is not None and not isinstance(stacked_modules, Mapping):
+    raise TypeError(
+        "stacked_modules must be a mapping from a stacked module's path to its "
+        f"layer axis (e.g. {{'blocks': 0}}), got {stacked_modules!r}."
+    )
+  stacked = tuple(str(name).strip("/") for name in (stacked_modules or {}))
+  return jax.tree_util.tree_map_with_path(
+      functools.partial(
+          _decays, exclude_bias=exclude_bias, exclude_1d=exclude_1d, stacked=stacked
+      ),
+      params,
+      is_leaf=_tree.is_parameter_leaf,
+  )

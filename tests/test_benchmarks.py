@@ -188,7 +188,7 @@ def test_gpu_check_groups_fit_an_h100():
   cap_names = stac_optax.partition_modules(common.state_memory_net(width=8)).adamw_parameter_names
   for label, width in gpu_check.SIZES.items():
     shapes = jax.eval_shape(lambda width=width: common.state_memory_net(width=width))
-    sizes = {name: math.prod(x.shape) for name, x in stac_optax.partition.leaves_with_names(shapes)}
+    sizes = {name: math.prod(x.shape) for name, x in stac_optax._tree.leaves_with_names(shapes)}
     n = sum(sizes.values())
     cap = sum(sizes[p] for p in cap_names)
     limits = gpu_check.memory_limits(n, total, 0.45 * total)

@@ -61,7 +61,7 @@ def test_every_nnx_filter_form_selects_what_nnx_optimizer_would(filter_, modules
   assert stac_optax.partition_modules(model, wrt=filter_) == part
   assert stac_optax.partition_modules(lambda: LoRANet(nnx.Rngs(0)), wrt=filter_) == part  # builder
   # exactly the variables nnx.state(model, filter) holds are trained
-  trained = {n for n, _ in stac_optax.partition.leaves_with_names(nnx.state(model, filter_))}
+  trained = {n for n, _ in stac_optax._tree.leaves_with_names(nnx.state(model, filter_))}
   assert trained == set(part.sign_parameter_names + part.adamw_parameter_names)
 
 
@@ -104,7 +104,7 @@ def test_lora_fine_tuning_with_nnx_optimizer_trains_only_the_adapters():
       jax.tree.leaves(lora_after), jax.tree.leaves(lora_before), strict=True) if np.any(b))
   # the cap's moments exist for the cap's LoRA matrices only
   mu = optimizer.opt_state.inner_state.inner_states["adamw"].inner_state[0].mu
-  assert sorted(n for n, _ in stac_optax.partition.leaves_with_names(mu)) == [
+  assert sorted(n for n, _ in stac_optax._tree.leaves_with_names(mu)) == [
       "head/lora/lora_a", "head/lora/lora_b"]
 
 

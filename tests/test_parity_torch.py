@@ -113,7 +113,7 @@ def test_twins_have_the_same_forward_pass_and_gradients(name):
     return jnp.mean(model(jnp.asarray(x)) ** 2)
 
   grads_f = nnx.as_pure(nnx.grad(loss_fn)(fm))
-  flat = dict(stac_optax.partition.leaves_with_names(grads_f))
+  flat = dict(stac_optax._tree.leaves_with_names(grads_f))
   matches = {m.torch_name: m for m in torch_interop.match_parameters(tm, fm)}
   for torch_name, g in grads_t.items():
     m = matches[torch_name]
@@ -234,7 +234,7 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
     got = torch_interop.tree_to_torch(params, tm, target=fm)
     adam = _cap_adam(state)
     moments = {
-        key: dict(stac_optax.partition.leaves_with_names(getattr(adam, field)))
+        key: dict(stac_optax._tree.leaves_with_names(getattr(adam, field)))
         for key, field in (("exp_avg", "mu"), ("exp_avg_sq", "nu"), ("max_exp_avg_sq", "nu_max"))
         if hasattr(adam, field)
     }
@@ -375,7 +375,7 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
     updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
     params = optax.apply_updates(params, updates)
     got = torch_interop.tree_to_torch(params, tm, target=fm)
-    buffers = dict(stac_optax.partition.leaves_with_names(
+    buffers = dict(stac_optax._tree.leaves_with_names(
         state.inner_state.inner_states["sign"].inner_state[0].momentum
     ))
     step_record = []

@@ -110,7 +110,7 @@ def test_nnx_attribute_order_out_of_alphabetical_order():
   assert part.adamw_module_names == ("z_norm", "a_head")
   assert part.adamw_parameter_names == ("z_norm/scale", "z_norm/bias", "a_head/kernel", "a_head/bias")
   # nnx.state sorts by key: a_head comes first there, z_norm last.
-  state_names = [n for n, _ in stac_optax.partition.leaves_with_names(nnx.state(model, nnx.Param))]
+  state_names = [n for n, _ in stac_optax._tree.leaves_with_names(nnx.state(model, nnx.Param))]
   assert state_names[0] == "a_head/bias" and state_names[-1] == "z_norm/scale"
 
 
@@ -167,7 +167,7 @@ def test_shared_nnx_variable_belongs_to_its_first_owner():
   # nnx.state shows the tied kernel under a_out (sorted first) and the shared
   # module under 'again': both still label as z_embed's trunk parameters.
   state = nnx.state(model, nnx.Param)
-  labels = dict(stac_optax.partition.leaves_with_names(part.labels(nnx.as_pure(state))))
+  labels = dict(stac_optax._tree.leaves_with_names(part.labels(nnx.as_pure(state))))
   assert labels == {"a_out/bias": ADAMW, "a_out/kernel": SIGN, "again/bias": SIGN}
 
 
@@ -236,7 +236,7 @@ def test_no_trainable_parameter_and_non_floating_leaves_are_refused():
 
 
 def _flat_labels(part, tree):
-  return dict(stac_optax.partition.leaves_with_names(part.labels(tree)))
+  return dict(stac_optax._tree.leaves_with_names(part.labels(tree)))
 
 
 def test_labels_unchanged_after_apply_updates_and_jit(params12):

@@ -21,7 +21,7 @@ from flax import nnx
 from hypothesis import HealthCheck, assume, given, settings
 
 import stac_optax
-from stac_optax.partition import leaves_with_names, path_name
+from stac_optax._tree import leaves_with_names, path_name
 
 # names whose sorted order is not their creation order
 CHILD_NAMES = ["z_stem", "Dense_10", "Dense_2", "Dense_1", "a_head", "blocks", "mid", "B", "b"]

@@ -73,7 +73,7 @@ def test_state_holds_only_the_cap_moments_and_scalar_counters():
   tx = stac_optax.stac(model)
   state = tx.init(params)
   part = stac_optax.partition_modules(model)
-  flat = dict(stac_optax.partition.leaves_with_names(params))
+  flat = dict(stac_optax._tree.leaves_with_names(params))
   cap_bytes = sum(flat[n].nbytes for n in part.adamw_parameter_names)
   arrays = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
   scalars = [x for x in jax.tree.leaves(state) if np.ndim(x) == 0]
@@ -160,7 +160,7 @@ def test_frozen_parameters_get_no_update_and_no_state():
     new, state = _step(tx, new, random_like(params, seed=t), state)
   chex.assert_trees_all_equal(_bits(new["Dense_3"]), _bits(params["Dense_3"]))
   cap = state.inner_state.inner_states["adamw"].inner_state[0]
-  assert {n for n, _ in stac_optax.partition.leaves_with_names(cap.mu)} == {"Dense_2/kernel", "Dense_2/bias"}
+  assert {n for n, _ in stac_optax._tree.leaves_with_names(cap.mu)} == {"Dense_2/kernel", "Dense_2/bias"}
   assert jax.tree.leaves(state.inner_state.inner_states["frozen"]) == []
 
 

@@ -46,8 +46,8 @@ def _jax_steps(tx, params, state, tm, fm, rng, steps):
 def _assert_same_run(tm, opt, params, state, fm):
   got = torch_interop.tree_to_torch(params, tm, target=fm)
   adam = state.inner_state.inner_states["adamw"].inner_state[0]
-  mu = dict(stac_optax.partition.leaves_with_names(adam.mu))
-  nu = dict(stac_optax.partition.leaves_with_names(adam.nu))
+  mu = dict(stac_optax._tree.leaves_with_names(adam.mu))
+  nu = dict(stac_optax._tree.leaves_with_names(adam.nu))
   for m in torch_interop.match_parameters(tm, fm):
     p = dict(tm.named_parameters())[m.torch_name]
     np.testing.assert_allclose(got[m.torch_name], p.detach().numpy(), rtol=RTOL, atol=ATOL, err_msg=m.torch_name)

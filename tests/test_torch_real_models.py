@@ -358,7 +358,7 @@ def test_transformer_from_torch_ten_steps_to_torch_equals_ten_torch_steps(encode
   tx, params, state = torch_interop.from_torch(start, stac_optimizer.STAC(start, **kwargs), fm, match="order")
   mu = state.inner_state.inner_states["adamw"].inner_state[0].mu
   cap = stac_optax.partition_modules(fm, last_n_modules=9).adamw_parameter_names  # 7 in PyTorch
-  assert sorted(n for n, _ in stac_optax.partition.leaves_with_names(mu)) == sorted(cap)
+  assert sorted(n for n, _ in stac_optax._tree.leaves_with_names(mu)) == sorted(cap)
   step = jax.jit(tx.update)
   for g in grads:
     updates, state = step(nnx.as_pure(torch_interop.tree_from_torch(start, g, fm, match="order")), state, params)

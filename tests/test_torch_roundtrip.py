@@ -88,7 +88,7 @@ def _assert_same(module, opt, params, state, target):
   got = torch_interop.tree_to_torch(params, module, target=target)
   adam = state.inner_state.inner_states["adamw"].inner_state[0]
   fields = {"exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"}
-  moments = {k: dict(stac_optax.partition.leaves_with_names(getattr(adam, f)))
+  moments = {k: dict(stac_optax._tree.leaves_with_names(getattr(adam, f)))
              for k, f in fields.items() if hasattr(adam, f)}
   for m in torch_interop.match_parameters(module, target):
     p = dict(module.named_parameters())[m.torch_name]

@@ -72,7 +72,7 @@ def _jax_run(fm, tm, **kwargs):
   state = tx.init(params)
   for x in _batches():
     grads = nnx.as_pure(nnx.grad(lambda m, x=x: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, wrt))(fm))
-    flat = dict(stac_optax.partition.leaves_with_names(grads))
+    flat = dict(stac_optax._tree.leaves_with_names(grads))
     if "unused/kernel" in flat:
       assert not np.any(flat["unused/kernel"])  # a zero gradient, not none
     updates, state = tx.update(grads, state, params)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stac_optax import STACPartition, partition_modules, resolve_adamw_cap_module_count
-from stac_optax import stacked as stacked_lib
+from stac_optax import find_stacked as stacked_lib
 from stac_optax._tree import (
     is_nnx_module,
     is_nnx_state,

@@ -89,8 +89,8 @@ def make_tx(part):
 
 
 def dump(path, params, opt_state):
-  named = {f"params/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(params)}
-  named.update({f"opt_state/{k}": np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(opt_state)})
+  named = {f"params/{k}": np.asarray(v) for k, v in stac_optax._tree.leaves_with_names(params)}
+  named.update({f"opt_state/{k}": np.asarray(v) for k, v in stac_optax._tree.leaves_with_names(opt_state)})
   np.savez(path, **named)
 
 

@@ -78,7 +78,7 @@ def global_batch(step):
 
 
 def names_and_leaves(tree):
-  return [(name, np.asarray(leaf)) for name, leaf in stac_optax.partition.leaves_with_names(tree)]
+  return [(name, np.asarray(leaf)) for name, leaf in stac_optax._tree.leaves_with_names(tree)]
 
 
 def digest(named):

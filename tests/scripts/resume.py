@@ -61,7 +61,7 @@ def main():
     params, state = run(params, state, tx, start, steps)
   np.savez(os.path.join(directory, f"{mode}.npz"),
            skipped=stac_optax.nonfinite_skipped_steps(state),
-           **{k: np.asarray(v) for k, v in stac_optax.partition.leaves_with_names(params)})
+           **{k: np.asarray(v) for k, v in stac_optax._tree.leaves_with_names(params)})
 
 
 if __name__ == "__main__":

@@ -60,11 +60,11 @@ def report_for(mesh_name, mesh, shardings_fn, case, single):
   sharded_params, sharded_state = run(params, tx, grads_list, shardings)
 
   adam = sharded_state.inner_state.inner_states["adamw"].inner_state[0]
-  names = dict(stac_optax.partition.leaves_with_names(sharded_params))
+  names = dict(stac_optax._tree.leaves_with_names(sharded_params))
   moment_shardings_match = all(
       m.sharding.is_equivalent_to(names[n].sharding, m.ndim)
       for tree in (adam.mu, adam.nu)
-      for n, m in stac_optax.partition.leaves_with_names(tree)
+      for n, m in stac_optax._tree.leaves_with_names(tree)
   )
   sharded_leaves = sum(
       not s.is_fully_replicated for s in (x.sharding for x in jax.tree.leaves(sharded_params))
