@@ -50,14 +50,12 @@ CAP_KEY = "<cap>"
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitKey:
-  """The path entry of one side of a :class:`LayerSplit` (``<trunk>``, ``<cap>``)."""
-
-  name: str
-
-  def __str__(self) -> str:
-    return self.name
+def split_key(side: str) -> jax.tree_util.GetAttrKey:
+  """The path entry of one side of a :class:`LayerSplit` (``<trunk>``,
+  ``<cap>``): a ``jax.tree_util.GetAttrKey``, one of the standard key types
+  that Orbax and ``optax.tree_utils`` read, whose name no Python attribute
+  can have."""
+  return jax.tree_util.GetAttrKey(side)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -77,7 +75,7 @@ class LayerSplit:
     self.cap = cap
 
   def tree_flatten_with_keys(self):
-    return ((SplitKey(TRUNK_KEY), self.trunk), (SplitKey(CAP_KEY), self.cap)), None
+    return ((split_key(TRUNK_KEY), self.trunk), (split_key(CAP_KEY), self.cap)), None
 
   def tree_flatten(self):
     return (self.trunk, self.cap), None
@@ -103,7 +101,10 @@ def is_unit(x: Any) -> bool:
 def split_side(path: Sequence[Any]) -> str | None:
   """``<trunk>`` or ``<cap>`` where ``path`` leads to one side of a
   :class:`LayerSplit`, else ``None``."""
-  return path[-1].name if path and isinstance(path[-1], SplitKey) else None
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name in (TRUNK_KEY, CAP_KEY):
+    return last.name
+  return None
 
 
 # --------------------------------------------------------------------------

@@ -146,3 +146,29 @@ def test_saving_a_partition_other_than_the_optimizers_is_refused_before_writing(
   checkpoint.save(tmp_path / "c", {"params": params, "opt_state": state}, right)
   momentum = stac_optax.stac(part, sign_momentum=0.9)  # a trunk buffer is fine when it is there
   checkpoint.save(tmp_path / "m", {"params": params, "opt_state": momentum.init(params)}, part)
+
+
+def test_a_stacked_model_cut_at_the_cap_checkpoints_and_resumes_bit_for_bit(tmp_path):
+  from tests import stacked_models
+
+  params = stacked_models.linen_scan_params()
+  part = stac_optax.partition_modules(
+      params, stacked_modules={"blocks": 0}, module_order=stacked_models.ORDER,
+      last_n_ratio=0.25)
+  assert part.splits_layers  # the cap ends inside the stacked block
+  tx = stac_optax.stac(part, 1e-2, amsgrad=True)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  grads = [jax.tree.map(lambda x, i=i: jnp.full_like(x, (-1.0) ** i * (i + 1)), params)
+           for i in range(4)]
+  state = tx.init(params)
+  for g in grads[:2]:
+    params, state = step(params, state, g)
+  checkpoint.save(tmp_path / "c", {"params": params, "opt_state": state}, part)
+  template = {"params": params, "opt_state": tx.init(params)}
+  restored = checkpoint.restore(tmp_path / "c", template, checkpoint.load_partition(tmp_path / "c"))
+  chex.assert_trees_all_equal(restored, {"params": params, "opt_state": state})
+  resumed_params, resumed_state = restored["params"], restored["opt_state"]
+  for g in grads[2:]:
+    params, state = step(params, state, g)
+    resumed_params, resumed_state = step(resumed_params, resumed_state, g)
+  chex.assert_trees_all_equal((resumed_params, resumed_state), (params, state))

@@ -23,7 +23,7 @@ from stac_optax.torch_interop.matching import pair_parameters
 from stac_optax.torch_interop.options import MatchOptions
 from stac_optax.torch_interop.report import BatchParity, ParameterDiff, ParityReport
 from stac_optax.torch_interop.runs import flax_cap_size, trainable_from_torch
-from stac_optax.torch_interop.split import owner_of, split_difference, torch_split
+from stac_optax.torch_interop.split import split_difference, torch_split
 from stac_optax.torch_interop.stacking import unstack
 from stac_optax.torch_interop.target import FlaxTarget, recap
 
@@ -254,7 +254,7 @@ class _Split:
 def _compare_splits(
     module: Any, optimizer: Any, partition: STACPartition, matches: Sequence[ParameterMatch]
 ) -> _Split:
-  owner_name = owner_of(partition)
+  owner_name = partition.owner
 
   def owner(m: ParameterMatch) -> str:
     return owner_name(m.flax_name)

@@ -33,7 +33,6 @@ from stac_optax.torch_interop.split import (
     check_names,
     check_optimizer_trains,
     check_same_split,
-    owner_of,
 )
 from stac_optax.torch_interop.stacking import stacked_entry
 from stac_optax.torch_interop.state_dict import (
@@ -95,7 +94,7 @@ def flax_cap_size(
   ``nn.MultiheadAttention`` with its ``out_proj`` is 2 modules in PyTorch,
   4 in Flax).
   """
-  owner = owner_of(partition)
+  owner = partition.owner
   module_of = {p: m.name for m in partition.modules for p in m.parameter_names}
   cap = set(torch_cap)
   return len({

@@ -8,13 +8,14 @@ Messages name a parameter by its PyTorch name and its Flax path(s)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stac_optax import STACPartition
 from stac_optax._tree import ROOT
+from stac_optax.labels import SECTION_NAMES
 from stac_optax.torch_interop.layouts import ParameterMatch
-from stac_optax.torch_interop.state_dict import SECTION, Groups, group_label
+from stac_optax.torch_interop.state_dict import Groups, group_label
 
 ORDER_FIX = (
     "stac_optax counts the Flax modules in the registration order it reads "
@@ -23,13 +24,6 @@ ORDER_FIX = (
     "differently), give module_order= with every counted Flax module in "
     "PyTorch's order"
 )
-
-
-def owner_of(partition: STACPartition) -> Callable[[str], str]:
-  """``tree path -> the path`` ``partition`` lists a parameter under: a
-  variable tied between NNX modules is listed under its first owner."""
-  aliases = dict(partition.parameter_aliases)
-  return lambda name: aliases.get(name, name)
 
 
 def torch_split(torch_module: Any, n_cap: int) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
@@ -143,14 +137,14 @@ def _check_split(by_role: Groups, torch_module: Any, names: Names) -> None:
       ) or f"the same parameters in another order: {list(got)} vs {list(want)}"
       raise ValueError(
           f"{group_label(i, role)} does not hold the parameters stac-optimizer puts in "
-          f"the {SECTION[role]} of torch_module with last_n_modules={n_cap}: {detail}."
+          f"the {SECTION_NAMES[role]} of torch_module with last_n_modules={n_cap}: {detail}."
       )
     modules = tuple(m for m, _ in split[role])
     saved_modules = tuple(group.get("module_names", ()))
     if saved_modules and saved_modules != modules:
       raise ValueError(
           f"{group_label(i, role)} was saved for the modules {list(saved_modules)}; "
-          f"torch_module's {SECTION[role]} is {list(modules)}."
+          f"torch_module's {SECTION_NAMES[role]} is {list(modules)}."
       )
 
 
@@ -171,7 +165,7 @@ def check_same_split(
     torch_groups: Groups, partition: STACPartition, matches: Sequence[ParameterMatch]
 ) -> None:
   """Each section holds the same parameters in PyTorch and in ``partition``."""
-  owner_name = owner_of(partition)
+  owner_name = partition.owner
   owner = {t: {owner_name(m.flax_name) for m in ms} for t, ms in by_torch_name(matches).items()}
   torch_of = {f: t for t, fs in owner.items() for f in fs}
   flax_name_of = {t: sorted(fs)[0] for t, fs in owner.items() if fs}
@@ -188,7 +182,7 @@ def check_same_split(
       only_flax = list(dict.fromkeys(torch_of[f] for f in flax_names if f not in mapped))
       raise ValueError(
           f"the PyTorch and stac_optax partitions differ in the {role} section "
-          f"(the {SECTION[role]}), "
+          f"(the {SECTION_NAMES[role]}), "
           + split_difference(only_torch, only_flax, flax_name_of) + ". " + ORDER_FIX + "."
       )
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-SECTION = {"sign": "trunk", "adamw": "cap"}
+from stac_optax._validate import real_number as real
+from stac_optax.labels import ADAMW, SECTION_NAMES, SIGN
+
 # one value for both sections in stac_optax; per group in a torch state dict
 _SHARED_KEYS = (
     "resolved_last_n_modules", "maximize", "error_if_nonfinite",
@@ -48,15 +50,6 @@ def state_dict_of(optimizer_or_state_dict: Any) -> tuple[Mapping, int, Any]:
   )
 
 
-def real(value: Any) -> float | None:
-  """A Python, NumPy or 0-d tensor number as a float; ``None`` for anything else."""
-  if hasattr(value, "shape") and hasattr(value, "item") and tuple(value.shape) == ():
-    value = value.item()
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-    return None
-  return float(value)
-
-
 def whole_count(what: str, value: Any) -> int:
   """A step or skip counter: a whole number in ``[0, 2**31 - 1]``."""
   x = real(value)
@@ -67,7 +60,7 @@ def whole_count(what: str, value: Any) -> int:
 
 def group_label(index: int, role: str) -> str:
   """How messages name a param group: ``param group 1 (adamw, the cap)``."""
-  return f"param group {index} ({role}, the {SECTION[role]})"
+  return f"param group {index} ({role}, the {SECTION_NAMES[role]})"
 
 
 def check_groups(state_dict: Any) -> dict[str, tuple[int, Mapping]]:
@@ -110,7 +103,7 @@ def _roles(groups: Sequence[Any]) -> dict[str, tuple[int, Mapping]]:
           "has no 'stac_role'."
       )
     role = group["stac_role"]
-    if role not in SECTION:
+    if role not in (SIGN, ADAMW):
       raise ValueError(f"param group {i}: 'stac_role' must be 'sign' or 'adamw', found {role!r}.")
     if role in by_role:
       raise ValueError(f"param groups {by_role[role][0]} and {i} both have stac_role {role!r}.")
