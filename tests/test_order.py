@@ -116,10 +116,17 @@ def _no_order_warning():
 # -- linen: jax.jit(model.init) ------------------------------------------------
 
 
-def test_linen_jitted_init_with_ten_or_more_auto_names_is_refused_and_the_builder_is_right():
+@pytest.fixture(scope="module")
+def jitted_mlp_variables():
+  """jax.jit(MLP().init)'s variables, compiled once for the tests that read them."""
+  return jax.jit(MLP().init)(KEY, jnp.ones((1, 3)))
+
+
+def test_linen_jitted_init_with_ten_or_more_auto_names_is_refused_and_the_builder_is_right(
+    jitted_mlp_variables):
   model, x = MLP(), jnp.ones((1, 3))
   fresh = model.init(KEY, x)
-  jitted = jax.jit(model.init)(KEY, x)
+  jitted = jitted_mlp_variables
   assert list(jitted["params"])[:3] == ["Dense_0", "Dense_1", "Dense_10"]
   with pytest.raises(stac_optax.ModuleOrderError, match="'Dense_11' comes before 'Dense_2'"):
     stac_optax.stac(jitted, last_n_modules=3)
@@ -180,8 +187,10 @@ def test_fresh_linen_models_never_warn(model, x):
 
 def test_a_jitted_tree_whose_sorted_order_happens_to_be_right_still_warns():
   # sorted, and also its registration order; but a model that registers its
-  # Dense layers before its Conv layers gives the same tree, with another cap
-  variables = jax.jit(CNN().init)(KEY, jnp.ones((1, 12, 12, 1)))
+  # Dense layers before its Conv layers gives the same tree, with another cap.
+  # The tree jax.jit returns, as jax.jit's trace builds it (out_info: the
+  # output tree it unflattens its results into), without compiling the init
+  variables = jax.jit(CNN().init).trace(KEY, jnp.ones((1, 12, 12, 1))).out_info
   with pytest.warns(stac_optax.ModuleOrderWarning, match="probably lost"):
     part = stac_optax.partition_modules(variables)
   assert part.module_names == ("Conv_0", "Conv_1", "Dense_0", "Dense_1")
@@ -190,8 +199,8 @@ def test_a_jitted_tree_whose_sorted_order_happens_to_be_right_still_warns():
   assert built.module_names == part.module_names
 
 
-def test_a_sorted_tree_that_allows_one_registration_order_does_not_warn():
-  variables = jax.jit(MLP().init)(KEY, jnp.ones((1, 3)))
+def test_a_sorted_tree_that_allows_one_registration_order_does_not_warn(jitted_mlp_variables):
+  variables = jitted_mlp_variables
   small = {"params": {k: variables["params"][k] for k in ("Dense_0", "Dense_1", "Dense_2")}}
   with _no_order_warning():  # Dense_0, Dense_1, Dense_2 can only have been made in that order
     part = stac_optax.partition_modules(small, last_n_modules=1)
@@ -453,21 +462,25 @@ def test_a_partition_saved_with_the_checkpoint_resumes_a_sorted_restore_bit_for_
   part = stac_optax.partition_modules(build, last_n_modules=2)
   assert part.adamw_module_names == ("blocks_3", "head")
 
-  def train(tx, params, opt_state, steps):
+  def make_step(tx):
     @jax.jit
     def step(params, opt_state):
       grads = jax.grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2))(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
+    return step
+
+  def train(step, params, opt_state, steps):
     for _ in range(steps):
       params, opt_state = step(params, opt_state)
     return params, opt_state
 
   params = build()["params"]
   tx = stac_optax.stac(part, 1e-2, weight_decay=0.1)
-  straight = train(tx, params, tx.init(params), 8)
-  half = train(tx, params, tx.init(params), 4)
+  step = make_step(tx)  # one compile for both runs of this process
+  straight = train(step, params, tx.init(params), 8)
+  half = train(step, params, tx.init(params), 4)
   checkpoint.save(tmp_path / "ckpt", {"params": half[0], "opt_state": half[1]}, part)
 
   # a new process: the params come back from Orbax as sorted dicts
@@ -488,7 +501,7 @@ def test_a_partition_saved_with_the_checkpoint_resumes_a_sorted_restore_bit_for_
   tx2 = stac_optax.stac(kept, 1e-2, weight_decay=0.1)
   template = {"params": restored_params, "opt_state": tx2.init(restored_params)}
   resumed_tree = checkpoint.restore(tmp_path / "ckpt", template)
-  resumed = train(tx2, resumed_tree["params"], resumed_tree["opt_state"], 4)
+  resumed = train(make_step(tx2), resumed_tree["params"], resumed_tree["opt_state"], 4)
   chex.assert_trees_all_equal(resumed, straight)
 
 

@@ -44,12 +44,13 @@ def _run(tx, params, grads_list, jit):
 
 
 def _stacked_params():
-  """A stem, 4 stacked layers and a head: the cap (2 of 6 modules) cuts the stack."""
+  """A stem, 4 stacked layers and a head: the cap (2 of 6 modules) cuts the stack.
+  Width 3, as mlp_params: the eager steps reuse the ops compiled for its shapes."""
   k = iter(jax.random.split(jax.random.key(3), 6))
   return {
-      "stem": {"kernel": jax.random.normal(next(k), (4, 6)), "bias": jnp.zeros(6)},
-      "blocks": {"kernel": jax.random.normal(next(k), (4, 6, 6)), "bias": jnp.zeros((4, 6))},
-      "head": {"kernel": jax.random.normal(next(k), (6, 2)), "bias": jnp.zeros(2)},
+      "stem": {"kernel": jax.random.normal(next(k), (3, 3)), "bias": jnp.zeros(3)},
+      "blocks": {"kernel": jax.random.normal(next(k), (4, 3, 3)), "bias": jnp.zeros((4, 3))},
+      "head": {"kernel": jax.random.normal(next(k), (3, 3)), "bias": jnp.zeros(3)},
   }
 
 
@@ -203,20 +204,28 @@ def test_held_signs_give_the_steps_of_whole_gradients_bit_for_bit(kwargs, monkey
   assert text.count("tensor<128x256xui8>") >= 3, "the 3 trunk kernels are not held"
 
 
-@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-def test_jitted_guarded_step_skips_a_nonfinite_held_trunk_gradient(bad):
+@pytest.fixture(scope="module")
+def held_steps():
+  """The jitted guarded step and its error_if_nonfinite twin on _large_params,
+  compiled once for the three non-finite values."""
   params = _large_params()
-  tx = stac_optax.stac(params, 1e-2, last_n_modules=1)
+  quiet = stac_optax.stac(params, 1e-2, last_n_modules=1)
+  loud = stac_optax.stac(params, 1e-2, last_n_modules=1, error_if_nonfinite=True)
+  return params, (quiet, jax.jit(quiet.update)), (loud, jax.jit(loud.update))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_jitted_guarded_step_skips_a_nonfinite_held_trunk_gradient(bad, held_steps):
+  params, (tx, update), (loud, loud_update) = held_steps
   grads = random_like(params)
   grads["layer_1"]["kernel"] = grads["layer_1"]["kernel"].at[200, 7].set(bad)
   state = tx.init(params)
-  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  updates, new_state = update(grads, state, params)
   _assert_same(optax.apply_updates(params, updates), params)
   chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
   assert stac_optax.nonfinite_skipped_steps(new_state) == 1
-  loud = stac_optax.stac(params, 1e-2, last_n_modules=1, error_if_nonfinite=True)
   with pytest.raises(RuntimeError, match=r"STAC trunk \(sign section\), first at 'layer_1/kernel'"):
-    jax.block_until_ready(jax.jit(loud.update)(grads, loud.init(params), params))
+    jax.block_until_ready(loud_update(grads, loud.init(params), params))
 
 
 def test_held_signs_under_sharding_equal_one_device():
