@@ -52,7 +52,7 @@ def test_optax_chain_trains_with_warmup_cosine_and_accumulation():
 
 def test_digits_trains_both_optimizers_to_high_accuracy_and_plots(tmp_path):
   png = tmp_path / "digits.png"
-  runs = _load("digits").main(["--epochs", "4", "--out", str(png)])
+  runs = _load("digits").main(["--epochs", "3", "--out", str(png)])
   for run in runs:
     assert run["curve"][-1]["train_loss"] < 0.5 * run["curve"][0]["train_loss"]
     assert run["curve"][-1]["test_accuracy"] > 0.8  # chance is 0.1

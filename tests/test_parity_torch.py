@@ -7,6 +7,7 @@ and every parameter and AdamW moment compared after every step.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -14,6 +15,7 @@ import pathlib
 import sys
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,8 @@ from flax import nnx
 
 import stac_optax
 from stac_optax import torch_interop
+from stac_optax._tree import path_name
+from stac_optax.torch_interop.layouts import assemble
 from stac_optax.torch_interop.parity import torch_stac_kwargs
 from tests import models
 
@@ -103,16 +107,18 @@ def test_twins_have_the_same_forward_pass_and_gradients(name):
   tm, fm, make_input = make_pair(name)
   x = make_input(np.random.default_rng(0))
   out_t = tm(_as_torch_input(x))
-  out_f = fm(jnp.asarray(x))
+
+  def loss_fn(model):
+    out = model(jnp.asarray(x))
+    return jnp.mean(out**2), out
+
+  # one compiled forward and backward pass, not op by op (where each operation compiles on its own)
+  grads_f, out_f = nnx.jit(nnx.grad(loss_fn, has_aux=True))(fm)
   np.testing.assert_allclose(np.asarray(out_f), out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
 
   (out_t**2).mean().backward()
   grads_t = {n: p.grad for n, p in tm.named_parameters() if p.requires_grad}
-
-  def loss_fn(model):
-    return jnp.mean(model(jnp.asarray(x)) ** 2)
-
-  grads_f = nnx.as_pure(nnx.grad(loss_fn)(fm))
+  grads_f = nnx.as_pure(grads_f)
   flat = dict(stac_optax._tree.leaves_with_names(grads_f))
   matches = {m.torch_name: m for m in torch_interop.match_parameters(tm, fm)}
   for torch_name, g in grads_t.items():
@@ -123,6 +129,12 @@ def test_twins_have_the_same_forward_pass_and_gradients(name):
 
 
 # -- the same modules in the cap ---------------------------------------------------
+
+
+@functools.cache
+def _pair_to_partition(name):
+  """:func:`make_pair`, built once per twin for the partition cases (which only read it)."""
+  return make_pair(name)
 
 
 def _flax_modules(names):
@@ -137,7 +149,7 @@ def _flax_modules(names):
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )
 def test_partition_matches_the_reference(name, kwargs):
-  tm, fm, _ = make_pair(name)
+  tm, fm, _ = _pair_to_partition(name)
   count = stac_optimizer.partition_trainable_modules(tm).trainable_module_count
   if kwargs.get("last_n_modules") == "all":
     kwargs = {"last_n_modules": count}
@@ -204,6 +216,34 @@ class UpdateRun(NamedTuple):
   worst: float
 
 
+def _grads_tree(params, matches, grads):
+  """:func:`torch_interop.tree_from_torch` of ``grads`` into the plain ``params``
+  tree, with the matches made once (the public function matches on every call)."""
+  values = {m.flax_name: m.to_flax(grads[m.torch_name]) for m in matches}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(values[path_name(path)], x.dtype), params)
+
+
+def _params_dict(params, matches):
+  """:func:`torch_interop.tree_to_torch` of ``params``, with the matches made once."""
+  flat = dict(stac_optax._tree.leaves_with_names(params))
+  return assemble(matches, lambda m: flat[m.flax_name])
+
+
+def _converted(tm, fm, matches, grads, params):
+  """The gradients as a JAX tree and a function giving the params in PyTorch's
+  layout; on the first step both are checked equal to the public conversions."""
+  flax_grads = _grads_tree(params, matches, grads)
+  chex.assert_trees_all_equal(flax_grads, nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)))
+
+  def to_torch(new_params):
+    got = _params_dict(new_params, matches)
+    chex.assert_trees_all_equal(got, torch_interop.tree_to_torch(new_params, tm, target=fm))
+    return got
+
+  return flax_grads, to_torch
+
+
 def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, seed=0, device="cpu"):
   """Both optimizers, identical gradients; every parameter and moment compared.
 
@@ -228,10 +268,14 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy()).to(device) if p.requires_grad else None
     opt.step()
-    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
+    if t == 0:
+      flax_grads, to_torch = _converted(tm, fm, matches, grads, params)
+    else:
+      flax_grads, to_torch = _grads_tree(params, matches, grads), functools.partial(_params_dict, matches=matches)
+    updates, state = update(flax_grads, state, params)
     params = optax.apply_updates(params, updates)
 
-    got = torch_interop.tree_to_torch(params, tm, target=fm)
+    got = to_torch(params)
     adam = _cap_adam(state)
     moments = {
         key: dict(stac_optax._tree.leaves_with_names(getattr(adam, field)))
@@ -367,14 +411,18 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
   rng = np.random.default_rng(0)
   torch_params = dict(tm.named_parameters())
   history = []
-  for _ in range(steps):
+  for t in range(steps):
     grads = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in torch_params.items()}
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy()).to(device)
     opt.step()
-    updates, state = update(nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)), state, params)
+    if t == 0:
+      flax_grads, to_torch = _converted(tm, fm, matches, grads, params)
+    else:
+      flax_grads, to_torch = _grads_tree(params, matches, grads), functools.partial(_params_dict, matches=matches)
+    updates, state = update(flax_grads, state, params)
     params = optax.apply_updates(params, updates)
-    got = torch_interop.tree_to_torch(params, tm, target=fm)
+    got = to_torch(params)
     buffers = dict(stac_optax._tree.leaves_with_names(
         state.inner_state.inner_states["sign"].inner_state[0].momentum
     ))
