@@ -16,7 +16,6 @@ built (to split it into trunk and cap), so each test builds it as
 """
 
 import inspect
-import json
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,6 @@ import pytest
 
 import stac_optax
 from tests import optax_trees as trees
-from tests.conftest import run_script_on_simulated_devices
 from tests.optax_trees import CONFIGS, TARGETS, TREES
 
 config_ids = pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
@@ -805,30 +803,3 @@ def test_reduce_on_plateau_chained_after_stac():
   np.testing.assert_allclose(
       updates["Dense_0"]["kernel"], -1e-3 * np.sign(grads["Dense_0"]["kernel"]), rtol=1e-5
   )
-
-
-# ==========================================================================
-# optax/_src/sharding_test.py and optax/contrib/_sharding_test.py
-# ==========================================================================
-
-
-def test_sharding_on_eight_devices():
-  """State and updates keep the params' shardings, on explicit and auto meshes.
-
-  Mirrors optax/_src/sharding_test.py::ShardingTest::test_state_sharding_type_init_match_update
-  and ::test_state_sharding_type_preserved_with_jit (and their copies in
-  optax/contrib/_sharding_test.py): on an explicit mesh the types
-  (``jax.typeof``: shape, dtype, sharding) of eager init, jitted init and the
-  updated state agree, and on both meshes every per-parameter slot of the
-  state (eager init, updated state) and every update has its parameter's
-  sharding. Runs
-  tests/scripts/optax_sharding_check.py in a subprocess, since the 8
-  simulated devices must be set before JAX starts.
-  """
-  report = run_script_on_simulated_devices("optax_sharding_check.py")
-  assert report["devices"] == 8
-  assert set(report["cases"]) == {f"{mesh}/{c}" for mesh in ("explicit", "auto") for c in CONFIGS}
-  problems = {case: r["problems"] for case, r in report["cases"].items() if r["problems"]}
-  assert not problems, json.dumps(problems, indent=1)
-  for r in report["cases"].values():
-    assert r["sharded_param_leaves"] > 0 and r["checked_slots"] >= 0

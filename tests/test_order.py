@@ -10,7 +10,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -18,7 +17,7 @@ from flax.training import train_state
 
 import stac_optax
 from stac_optax import checkpoint
-from tests.conftest import ResidualMLP, random_like, run_script_on_simulated_devices
+from tests.conftest import ResidualMLP, random_like
 
 # -- models written the way Flax's own examples write them ---------------------
 
@@ -520,17 +519,3 @@ def test_checkpoint_manager_items_hold_the_partition(tmp_path):
   chex.assert_trees_all_equal(restored["params"], params)
   with pytest.raises(ValueError, match="holds no saved STAC partition"):
     checkpoint.load_partition(tmp_path)
-
-
-# -- the sharded-initialisation recipe on 8 simulated devices --------------------
-
-
-def test_sharded_init_recipe_keeps_the_creation_order_cap():
-  report = run_script_on_simulated_devices("sharded_init.py")
-  assert report["devices"] == 8
-  assert report["sharded_leaves"] >= 2, report
-  assert report["attribute_order_after_jit"] == ["head", "mid", "stem"]  # NNX sorted it
-  assert report["cap_from_model"] == ["head"], report
-  assert report["cap_from_builder"] == ["head"], report
-  assert report["warnings"] == [], report
-  assert np.isfinite(report["loss"])

@@ -226,17 +226,3 @@ def test_jitted_guarded_step_skips_a_nonfinite_held_trunk_gradient(bad, held_ste
   assert stac_optax.nonfinite_skipped_steps(new_state) == 1
   with pytest.raises(RuntimeError, match=r"STAC trunk \(sign section\), first at 'layer_1/kernel'"):
     jax.block_until_ready(loud_update(grads, loud.init(params), params))
-
-
-def test_held_signs_under_sharding_equal_one_device():
-  """8 simulated devices, kernels sharded along either axis, Auto and Explicit
-  meshes (in a subprocess: the device count is set before JAX starts)."""
-  from tests.conftest import run_script_on_simulated_devices
-
-  reports = run_script_on_simulated_devices("held_signs_sharding_check.py")["reports"]
-  assert len(reports) == 4
-  for report in reports:
-    assert report["devices"] == 8 and report["held"], report
-    assert report["update_shardings_match"], report
-    assert report["max_param_diff"] <= 1e-6 and report["max_state_diff"] <= 1e-6, report
-    assert report["skipped"] == 1, report

@@ -2,8 +2,8 @@
 
 Jitted, donated steps of every STAC configuration on stacked params (layer
 axis 0 and 1) against the unrolled twin; the cap moments of the cap layers
-only; decay exemptions per layer; ``nnx.Optimizer`` on an ``nnx.vmap`` model;
-8 simulated devices.
+only; decay exemptions per layer; ``nnx.Optimizer`` on an ``nnx.vmap`` model.
+Sharded stacked arrays (8 simulated devices) are checked in tests/test_sharding.py.
 """
 
 import functools
@@ -181,20 +181,3 @@ def test_nnx_optimizer_trains_a_vmapped_model_like_its_unrolled_twin():
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
   assert not np.allclose(got["blocks"]["0"]["up"]["kernel"], weights["blocks"][0]["up"]["kernel"])
   assert _nbytes(opt.opt_state) == _nbytes(opt_twin.opt_state)
-
-
-def test_sharded_stacked_arrays_keep_their_sharding_and_equal_one_device():
-  """8 simulated devices, the layer axis or a feature axis sharded, Auto and
-  Explicit meshes (in a subprocess: the device count is set before JAX starts)."""
-  from tests.conftest import run_script_on_simulated_devices
-
-  reports = run_script_on_simulated_devices("stacked_sharding_check.py")["reports"]
-  assert len(reports) == 4
-  for report in reports:
-    assert report["devices"] == 8 and report["cut"] == "LayerSplit", report
-    assert report["update_shardings_match"] and report["param_shardings_match"], report
-    assert report["max_param_diff"] <= 1e-6 and report["max_state_diff"] <= 1e-6, report
-    assert report["skipped"] == 1, report
-    if report["sharded_over"] == "features":  # the cap moments stay split 8 ways
-      assert report["cap_moment_spec"] == "P(None, None, 'x')", report
-      assert report["cap_moment_devices"] == 8 and report["cap_moment_sharded"], report

@@ -1,10 +1,11 @@
-"""Run by tests/test_skip_nonfinite.py on 8 simulated CPU devices; prints a JSON report.
+"""A check of tests/test_sharding.py, run on 8 simulated CPU devices by simulated_devices.py.
 
 Three trunk kernels large enough for the guard to hold their signs (256 x
 256) and a cap layer, sharded over 8 devices along the first or the second
 axis, on Auto and Explicit meshes. Each sharded run (a NaN step among them)
-is compared with the single-device run; the report says whether the update
-kept the params' shardings and whether the compiled step packed the signs.
+is compared with one run on one device (outside any mesh); the report says
+whether the update kept the params' shardings and whether the compiled step
+packed the signs. Run alone, it prints its report as a ``REPORT {json}`` line.
 """
 
 import json
@@ -22,8 +23,8 @@ WIDTH, LAYERS = 256, 4
 
 
 def init_params():
-  keys = iter(jax.random.split(jax.random.key(0), LAYERS))
-  return {f"layer_{i}": {"kernel": 0.1 * jax.random.normal(next(keys), (WIDTH, WIDTH)),
+  rng = np.random.default_rng(1)
+  return {f"layer_{i}": {"kernel": jnp.asarray(0.1 * rng.standard_normal((WIDTH, WIDTH), np.float32)),
                          "bias": jnp.zeros(WIDTH)} for i in range(LAYERS)}
 
 
@@ -60,13 +61,8 @@ def run(tx, params, grads_list, sharding=None):
   return params, state, updates, text
 
 
-def check(mesh, axis_type):
-  params = init_params()
-  tx = stac_optax.stac(params, 1e-2, last_n_modules=1, weight_decay=0.1)
-  grads_list = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params)
-                for k in range(4)]
-  grads_list[2]["layer_1"]["kernel"] = grads_list[2]["layer_1"]["kernel"].at[5, 9].set(jnp.nan)
-  single, single_state, _, _ = run(tx, params, grads_list)
+def check(mesh, axis_type, tx, params, grads_list, single):
+  single, single_state = single
   reports = []
   for axis in (0, 1):
     sharding = shardings(mesh, params, axis)
@@ -93,14 +89,22 @@ def check(mesh, axis_type):
   return reports
 
 
-def main():
+def report():
+  """The four sharded runs (two meshes, two axes), each against the one-device run."""
+  params = init_params()
+  tx = stac_optax.stac(params, 1e-2, last_n_modules=1, weight_decay=0.1)
+  rng = np.random.default_rng(0)
+  grads_list = [jax.tree.map(lambda p: rng.standard_normal(p.shape, np.float32), params)
+                for _ in range(4)]
+  grads_list[2]["layer_1"]["kernel"][5, 9] = np.nan
+  single = run(tx, params, grads_list)[:2]
   reports = []
   for axis_type in ("Auto", "Explicit"):
     mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     with jax.set_mesh(mesh):
-      reports += check(mesh, axis_type)
-  print("REPORT " + json.dumps({"reports": reports}))
+      reports += check(mesh, axis_type, tx, params, grads_list, single)
+  return {"reports": reports}
 
 
 if __name__ == "__main__":
-  main()
+  print("REPORT " + json.dumps(report()))

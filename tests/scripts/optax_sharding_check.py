@@ -1,9 +1,10 @@
-"""Run by tests/test_optax_conformance.py with 8 simulated CPU devices; prints a JSON report.
+"""A check of tests/test_sharding.py, run on 8 simulated CPU devices by simulated_devices.py.
 
 For each STAC configuration, on an explicit mesh (sharding in types) and on an
 auto mesh, checks what optax's sharding tests check for its optimizers: the
 state's types agree between eager init, jitted init and update, and every
 per-parameter slot of the state and every update has its parameter's sharding.
+Run alone, it prints its report as a ``REPORT {json}`` line.
 """
 
 import json
@@ -85,7 +86,8 @@ def auto_case(config):
   return {"problems": problems, "checked_slots": checked, "sharded_param_leaves": sharded}
 
 
-def main():
+def report():
+  """Each configuration of tests/optax_trees.py on an explicit and an auto mesh."""
   cases = {}
   for name, config in trees.CONFIGS.items():
     for mesh, fn in (("explicit", explicit_case), ("auto", auto_case)):
@@ -96,8 +98,8 @@ def main():
             "problems": [f"{type(e).__name__}: {str(e)[:500]}"], "checked_slots": 0,
             "sharded_param_leaves": 1,
         }
-  print("REPORT " + json.dumps({"devices": jax.device_count(), "cases": cases}))
+  return {"devices": jax.device_count(), "cases": cases}
 
 
 if __name__ == "__main__":
-  main()
+  print("REPORT " + json.dumps(report()))

@@ -1,8 +1,11 @@
 """Helper for tests/test_checkpoint.py: train, save, or restore and continue.
 
-    python resume.py train  DIR N        # N steps from scratch, save to DIR/ckpt
+    python resume.py train  DIR N [M]    # N steps from scratch, save to DIR/ckpt; then M more
     python resume.py resume DIR M        # restore DIR/ckpt in this process, M more steps
-Both write the final params to DIR/<mode>.npz.
+
+Each writes the params after its N (train) or M (resume) steps to
+DIR/<mode>.npz; ``train`` given M goes on in the same process, never
+restoring, and writes the params after its N + M steps to DIR/straight.npz.
 """
 
 import os
@@ -44,8 +47,14 @@ def run(params, state, tx, start, steps):
   return params, state
 
 
+def write(path, params, state):
+  np.savez(path, skipped=stac_optax.nonfinite_skipped_steps(state),
+           **{k: np.asarray(v) for k, v in stac_optax._tree.leaves_with_names(params)})
+
+
 def main():
   mode, directory, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  more = int(sys.argv[4]) if len(sys.argv) > 4 else 0
   params0, tx = make()
   path = os.path.join(directory, "ckpt")
   if mode == "train":
@@ -59,9 +68,10 @@ def main():
     restored = checkpoint.restore(path, abstract, params0)
     params, state, start = restored["params"], restored["opt_state"], int(restored["step"])
     params, state = run(params, state, tx, start, steps)
-  np.savez(os.path.join(directory, f"{mode}.npz"),
-           skipped=stac_optax.nonfinite_skipped_steps(state),
-           **{k: np.asarray(v) for k, v in stac_optax._tree.leaves_with_names(params)})
+  write(os.path.join(directory, f"{mode}.npz"), params, state)
+  if more:
+    params, state = run(params, state, tx, start, more)
+    write(os.path.join(directory, "straight.npz"), params, state)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Run by tests/test_sharding.py with 8 simulated CPU devices; prints a JSON report."""
+"""A check of tests/test_sharding.py, run on 8 simulated CPU devices by simulated_devices.py.
+
+The params of examples/sharded_training.py, sharded FSDP-style and on its
+data x model mesh, against one run on one device; then the example itself.
+Run alone, it prints its report as a ``REPORT {json}`` line.
+"""
 
 import json
 import os
@@ -46,9 +51,11 @@ def setup():
   params = sharded_training.init_params(jax.random.key(0))
   part = stac_optax.partition_modules(params)
   tx = stac_optax.stac(part, 1e-2, weight_decay=1e-2)
-  grads_list = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params)
-                for k in range(6)]
-  grads_list[3] = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads_list[3])
+  rng = np.random.default_rng(0)
+  grads_list = [jax.tree.map(lambda p: rng.standard_normal(p.shape, np.float32), params)
+                for _ in range(6)]
+  for g in jax.tree.leaves(grads_list[3]):
+    g[(0,) * g.ndim] = np.nan
   return params, tx, grads_list
 
 
@@ -89,7 +96,8 @@ def report_for(mesh_name, mesh, shardings_fn, case, single):
   }
 
 
-def main():
+def report():
+  """Both sharded runs against the one-device run, and the example's figures."""
   devices = np.array(jax.devices())
   case = setup()
   single = run(*case)  # one reference for both meshes (run copies the params it donates)
@@ -98,11 +106,11 @@ def main():
       report_for("data x model", sharded_training.make_mesh(4), sharded_training.param_sharding, case, single),
   ]
   example = sharded_training.main(["--steps", "60"])
-  print("REPORT " + json.dumps({"reports": reports, "example": {
+  return {"reports": reports, "example": {
       "first_loss": example["losses"][0], "last_loss": example["losses"][-1],
       "mesh": example["mesh"], "state_bytes": example["state_bytes"],
-      "per_device_bytes": example["per_device_bytes"]}}))
+      "per_device_bytes": example["per_device_bytes"]}}
 
 
 if __name__ == "__main__":
-  main()
+  print("REPORT " + json.dumps(report()))

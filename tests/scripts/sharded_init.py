@@ -1,9 +1,10 @@
-"""Run by tests/test_order.py with 8 simulated CPU devices; prints a JSON report.
+"""A check of tests/test_sharding.py, run on 8 simulated CPU devices by simulated_devices.py.
 
 Flax's sharded-initialisation recipe: the model is created inside ``nnx.jit``
 with partitioned initialisers and its state constrained to the mesh, so NNX
 hands back a module rebuilt in sorted attribute order. STAC must still find
 the creation-order cap, from the module itself and from the builder.
+Run alone, it prints its report as a ``REPORT {json}`` line.
 """
 
 import json
@@ -40,7 +41,8 @@ def create_sharded_model():
   return model
 
 
-def main():
+def report():
+  """The recipe's model, the caps STAC finds for it, and one training step."""
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -63,7 +65,7 @@ def main():
       v for v in jax.tree.leaves(nnx.state(model, nnx.Param))
       if len(v.sharding.device_set) > 1 and not v.sharding.is_fully_replicated
   ]
-  report = {
+  return {
       "devices": jax.device_count(),
       "sharded_leaves": len(sharded),
       "attribute_order_after_jit": [k for k in vars(model) if not k.startswith("_")],
@@ -73,8 +75,7 @@ def main():
       "loss": float(loss),
       "skipped": stac_optax.nonfinite_skipped_steps(optimizer.opt_state),
   }
-  print("REPORT " + json.dumps(report))
 
 
 if __name__ == "__main__":
-  main()
+  print("REPORT " + json.dumps(report()))

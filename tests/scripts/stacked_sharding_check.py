@@ -1,9 +1,10 @@
-"""Run by tests/test_stacked.py on 8 simulated CPU devices; prints a JSON report.
+"""A check of tests/test_sharding.py, run on 8 simulated CPU devices by simulated_devices.py.
 
 A stacked net (8 layers) whose cap boundary cuts its stacked arrays, sharded
-two ways: over the layer axis, and over a feature axis. Each sharded run is
-compared with the single-device run, and the shardings of the updates and of
-the cap moments are recorded.
+two ways: over the layer axis, and over a feature axis, on Auto and Explicit
+meshes. Each sharded run is compared with one run on one device (outside any
+mesh), and the shardings of the updates and of the cap moments are recorded.
+Run alone, it prints its report as a ``REPORT {json}`` line.
 """
 
 import json
@@ -20,9 +21,9 @@ import stac_optax
 LAYERS, WIDTH, HIDDEN = 8, 8, 16
 
 
-def init_params(key):
-  k = iter(jax.random.split(key, 8))
-  normal = lambda shape: 0.3 * jax.random.normal(next(k), shape)  # noqa: E731
+def init_params():
+  rng = np.random.default_rng(1)
+  normal = lambda shape: jnp.asarray(0.3 * rng.standard_normal(shape, np.float32))  # noqa: E731
   return {
       "stem": {"kernel": normal((WIDTH, WIDTH)), "bias": jnp.zeros(WIDTH)},
       "blocks": {
@@ -65,23 +66,26 @@ def run(tx, params, grads_list, sharding=None):
   return params, state, updates
 
 
-def main():
+def report():
+  """The four sharded runs (two meshes, two ways to shard), each against the one-device run."""
+  params = init_params()
+  tx = stac_optax.stac(params, 1e-2, stacked_modules={"blocks": 0}, last_n_modules=4,
+                       weight_decay=0.1)
+  rng = np.random.default_rng(0)
+  grads_list = [jax.tree.map(lambda p: rng.standard_normal(p.shape, np.float32), params)
+                for _ in range(6)]
+  grads_list[2]["blocks"]["up"]["kernel"][0, 0, 0] = np.nan
+  single = run(tx, params, grads_list)[:2]
   reports = []
   for axis_type in ("Auto", "Explicit"):
     mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     with jax.set_mesh(mesh):  # what explicit sharding asks of its users
-      reports += check(mesh, axis_type)
-  print("REPORT " + json.dumps({"reports": reports}))
+      reports += check(mesh, axis_type, tx, params, grads_list, single)
+  return {"reports": reports}
 
 
-def check(mesh, axis_type):
-  params = init_params(jax.random.key(0))
-  tx = stac_optax.stac(params, 1e-2, stacked_modules={"blocks": 0}, last_n_modules=4,
-                       weight_decay=0.1)
-  grads_list = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.key(k), p.shape), params)
-                for k in range(6)]
-  grads_list[2]["blocks"]["up"]["kernel"] = grads_list[2]["blocks"]["up"]["kernel"].at[0, 0, 0].set(jnp.nan)
-  single, single_state, _ = run(tx, params, grads_list)
+def check(mesh, axis_type, tx, params, grads_list, single):
+  single, single_state = single
   reports = []
   for how in ("layers", "features"):
     sharding = shardings(mesh, params, how)
@@ -119,4 +123,4 @@ def check(mesh, axis_type):
 
 
 if __name__ == "__main__":
-  main()
+  print("REPORT " + json.dumps(report()))
