@@ -454,20 +454,14 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  import torch  # pylint: disable=import-outside-toplevel
-
   args, sizes = parse(argv)
-  threads = torch.get_num_threads()
   if args.smoke:
     common.select_device("cpu")
-    torch.set_num_threads(1)  # its OpenMP threads would contend with XLA's on a small CPU
   outdir = pathlib.Path(args.outdir)
   outdir.mkdir(parents=True, exist_ok=True)
-  try:
-    with common.logged(outdir / "gpu_check.log"):
-      return check(args, sizes, outdir)
-  finally:
-    torch.set_num_threads(threads)
+  # in a smoke run, PyTorch's OpenMP threads would contend with XLA's on a small CPU
+  with common.torch_threads(1 if args.smoke else None), common.logged(outdir / "gpu_check.log"):
+    return check(args, sizes, outdir)
 
 
 def check(args, sizes: dict, outdir: pathlib.Path) -> dict:

@@ -164,7 +164,7 @@ def train_step_times(repeats, quick):
 
 
 def main(argv=None):
-  parser = common.cli(__doc__.splitlines()[0], "one tiny size, few repeats")
+  parser = common.cli(__doc__.splitlines()[0], "one tiny size, few repeats, PyTorch on one thread")
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args(argv)
@@ -198,9 +198,10 @@ def main(argv=None):
     del runs
     # PyTorch's steps in a group of their own: its OpenMP threads keep spinning
     # for a while after each step and would slow whichever JAX step came next.
-    torch_runs = None if args.no_torch else torch_steps(params)
-    if torch_runs is not None:
-      times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
+    with common.torch_threads(1 if args.quick else None):
+      torch_runs = None if args.no_torch else torch_steps(params)
+      if torch_runs is not None:
+        times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
     bandwidth = 8 * n / times["streaming"][0] / 1e9
     entry = {"parameters": int(n), "streaming_gb_per_s": bandwidth, "optimizers": {}}
     if skipped:
