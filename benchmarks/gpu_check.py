@@ -79,6 +79,7 @@ from benchmarks import compile as compile_benchmark
 
 SIZES = {"13M": 1024, "100M": 2880, "1B": 9216}  # StateMemoryNet widths
 SMOKE_SIZES = {"tiny": 64}
+SMOKE_NET = {"n_blocks": 2}  # the smoke StateMemoryNet: 2 residual blocks, not 6 (fewer leaves)
 LEAVES = {"n_blocks": 32, "d": 128, "ff": 512, "vocab": 1024}  # 16 * 32 + 5 = 517 leaves
 SMOKE_LEAVES = {"n_blocks": 1}
 SMOKE_LEAVES_JAX = ("STAC default", "AdamW baseline")  # the smoke run's many-leaves part: fewer compiles
@@ -486,7 +487,8 @@ def check(args, sizes: dict, outdir: pathlib.Path) -> dict:
       elif part == "bandwidth":
         bandwidth(run, left, args.torch_device, 2**18 if args.smoke else 2**28, args.repeats)
       else:
-        params = (common.state_memory_net(width=sizes[part]) if part in sizes else
+        net = SMOKE_NET if args.smoke else {}
+        params = (common.state_memory_net(width=sizes[part], **net) if part in sizes else
                   common.transformer_params(**(SMOKE_LEAVES if args.smoke else LEAVES)))
         size_part(run, left, part, params, args)
         del params

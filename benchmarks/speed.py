@@ -33,6 +33,7 @@ from benchmarks import common
 
 SIZES = {"1M": 256, "13M": 1024, "100M": 2880}  # StateMemoryNet width
 QUICK_SIZES = {"tiny": 64}
+QUICK_NET = {"n_blocks": 2}  # --quick: StateMemoryNet with 2 residual blocks, not 6 (fewer leaves)
 
 
 def interleaved(runs, repeats, budget_s=20.0, label=None):
@@ -175,7 +176,7 @@ def main(argv=None):
   report = {"benchmark": "speed", "quick": args.quick, "environment": common.environment(),
             "repeats": repeats, "lr": common.LR, "weight_decay": common.WD, "sizes": {}}
   for label, width in sizes.items():
-    params = common.state_memory_net(width=width)
+    params = common.state_memory_net(width=width, **(QUICK_NET if args.quick else {}))
     n = sum(x.size for x in jax.tree.leaves(params))
     factories = common.optimizers(params, guard_variants=True)
     partitions = {
