@@ -333,6 +333,31 @@ def logged(path: str | os.PathLike):
       sys.stdout, sys.stderr = saved
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+  """PyTorch's intra-op threads set to ``count`` inside the block and restored
+  after (``None``, or no torch: left as they are).
+
+  The benchmarks' smoke modes (``--quick``, ``--smoke``) run PyTorch on one
+  thread: on a small CPU shared with XLA, and with other processes, its OpenMP
+  threads spin while they wait for each other, and burn more CPU than the
+  tiny models' work takes.
+  """
+  torch = None
+  if count is not None:
+    with contextlib.suppress(ImportError):
+      import torch  # pylint: disable=import-outside-toplevel
+  if torch is None:
+    yield
+    return
+  saved = torch.get_num_threads()
+  torch.set_num_threads(count)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(saved)
+
+
 def plt():
   import matplotlib  # pylint: disable=import-outside-toplevel
 

@@ -79,6 +79,7 @@ from benchmarks import compile as compile_benchmark
 
 SIZES = {"13M": 1024, "100M": 2880, "1B": 9216}  # StateMemoryNet widths
 SMOKE_SIZES = {"tiny": 64}
+SMOKE_NET = {"n_blocks": 2}  # the smoke StateMemoryNet: 2 residual blocks, not 6 (fewer leaves)
 LEAVES = {"n_blocks": 32, "d": 128, "ff": 512, "vocab": 1024}  # 16 * 32 + 5 = 517 leaves
 SMOKE_LEAVES = {"n_blocks": 1}
 SMOKE_LEAVES_JAX = ("STAC default", "AdamW baseline")  # the smoke run's many-leaves part: fewer compiles
@@ -454,20 +455,14 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  import torch  # pylint: disable=import-outside-toplevel
-
   args, sizes = parse(argv)
-  threads = torch.get_num_threads()
   if args.smoke:
     common.select_device("cpu")
-    torch.set_num_threads(1)  # its OpenMP threads would contend with XLA's on a small CPU
   outdir = pathlib.Path(args.outdir)
   outdir.mkdir(parents=True, exist_ok=True)
-  try:
-    with common.logged(outdir / "gpu_check.log"):
-      return check(args, sizes, outdir)
-  finally:
-    torch.set_num_threads(threads)
+  # in a smoke run, PyTorch's OpenMP threads would contend with XLA's on a small CPU
+  with common.torch_threads(1 if args.smoke else None), common.logged(outdir / "gpu_check.log"):
+    return check(args, sizes, outdir)
 
 
 def check(args, sizes: dict, outdir: pathlib.Path) -> dict:
@@ -492,7 +487,8 @@ def check(args, sizes: dict, outdir: pathlib.Path) -> dict:
       elif part == "bandwidth":
         bandwidth(run, left, args.torch_device, 2**18 if args.smoke else 2**28, args.repeats)
       else:
-        params = (common.state_memory_net(width=sizes[part]) if part in sizes else
+        net = SMOKE_NET if args.smoke else {}
+        params = (common.state_memory_net(width=sizes[part], **net) if part in sizes else
                   common.transformer_params(**(SMOKE_LEAVES if args.smoke else LEAVES)))
         size_part(run, left, part, params, args)
         del params

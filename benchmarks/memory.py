@@ -45,7 +45,12 @@ MIB = 2**20
 ADAMW = "AdamW baseline"
 LAYERS = 16
 MLP_WIDTHS = {"MLP 6.3M": 628, "MLP 25.3M": 1257, "MLP 101M": 2514}
-QUICK_WIDTHS = {"MLP tiny": 24}
+# --quick, a smoke run: StateMemoryNet with 2 blocks and the stacked MLP (width
+# 24) with 8 layers, so that the cap still holds one eighth of the MLP and cuts
+# its stacked arrays; the unstacked MLP's step (mlp_params, mlp_loss) is the
+# one tests/test_peak_memory.py measures to the byte.
+QUICK_WIDTHS: dict[str, int] = {}
+QUICK_STACKED_WIDTH, QUICK_LAYERS, QUICK_BLOCKS = 24, 8, 2
 
 
 # --------------------------------------------------------------------------
@@ -106,6 +111,14 @@ def abstract(tree: Any) -> Any:
   return jax.ShapeDtypeStruct(tree.shape, tree.dtype)
 
 
+def traced(make: Callable[[], Any]) -> Any:
+  """:func:`abstract` of ``make()``'s tree, traced (``jax.eval_shape``), not
+  computed: no random weights drawn, no eager operation compiled."""
+  out = []
+  jax.eval_shape(lambda: out.append(abstract(make())))
+  return out[0]
+
+
 def abstract_batch(rows: int, d_in: int, d_out: int) -> tuple:
   """Abstract ``(x, y)`` of float32 rows."""
   return (jax.ShapeDtypeStruct((rows, d_in), jnp.float32),
@@ -115,17 +128,18 @@ def abstract_batch(rows: int, d_in: int, d_out: int) -> tuple:
 def models(quick: bool) -> dict[str, dict[str, Any]]:
   """Name -> ``params`` (abstract), ``loss``, ``batch``, ``stacked_modules``."""
   if quick:
-    net = abstract(common.state_memory_net(width=64, d_in=32, d_out=4))
+    net = traced(lambda: common.state_memory_net(width=64, d_in=32, d_out=4, n_blocks=QUICK_BLOCKS))
     out = {"StateMemoryNet tiny": dict(params=net, loss=state_memory_net_loss, batch=abstract_batch(16, 32, 4))}
-    widths, stacked_width = QUICK_WIDTHS, 24
+    widths, stacked_width, layers = QUICK_WIDTHS, QUICK_STACKED_WIDTH, QUICK_LAYERS
   else:
-    net = abstract(common.state_memory_net())
+    net = traced(common.state_memory_net)
     out = {"StateMemoryNet": dict(params=net, loss=state_memory_net_loss, batch=abstract_batch(256, 256, 16))}
-    widths, stacked_width = MLP_WIDTHS, MLP_WIDTHS["MLP 25.3M"]
+    widths, stacked_width, layers = MLP_WIDTHS, MLP_WIDTHS["MLP 25.3M"], LAYERS
   for name, width in widths.items():
-    out[name] = dict(params=mlp_params(width), loss=mlp_loss, batch=abstract_batch(8, width, width))
+    out[name] = dict(params=mlp_params(width, layers), loss=mlp_loss,
+                     batch=abstract_batch(8, width, width))
   out[f"stacked MLP {'tiny' if quick else '25.3M'}"] = dict(
-      params=stacked_mlp_params(stacked_width), loss=stacked_mlp_loss,
+      params=stacked_mlp_params(stacked_width, layers), loss=stacked_mlp_loss,
       batch=abstract_batch(8, stacked_width, stacked_width), stacked_modules={"blocks": 0})
   return out
 

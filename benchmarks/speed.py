@@ -33,6 +33,7 @@ from benchmarks import common
 
 SIZES = {"1M": 256, "13M": 1024, "100M": 2880}  # StateMemoryNet width
 QUICK_SIZES = {"tiny": 64}
+QUICK_NET = {"n_blocks": 2}  # --quick: StateMemoryNet with 2 residual blocks, not 6 (fewer leaves)
 
 
 def interleaved(runs, repeats, budget_s=20.0, label=None):
@@ -164,7 +165,7 @@ def train_step_times(repeats, quick):
 
 
 def main(argv=None):
-  parser = common.cli(__doc__.splitlines()[0], "one tiny size, few repeats")
+  parser = common.cli(__doc__.splitlines()[0], "one tiny size, few repeats, PyTorch on one thread")
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args(argv)
@@ -175,7 +176,7 @@ def main(argv=None):
   report = {"benchmark": "speed", "quick": args.quick, "environment": common.environment(),
             "repeats": repeats, "lr": common.LR, "weight_decay": common.WD, "sizes": {}}
   for label, width in sizes.items():
-    params = common.state_memory_net(width=width)
+    params = common.state_memory_net(width=width, **(QUICK_NET if args.quick else {}))
     n = sum(x.size for x in jax.tree.leaves(params))
     factories = common.optimizers(params, guard_variants=True)
     partitions = {
@@ -198,9 +199,10 @@ def main(argv=None):
     del runs
     # PyTorch's steps in a group of their own: its OpenMP threads keep spinning
     # for a while after each step and would slow whichever JAX step came next.
-    torch_runs = None if args.no_torch else torch_steps(params)
-    if torch_runs is not None:
-      times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
+    with common.torch_threads(1 if args.quick else None):
+      torch_runs = None if args.no_torch else torch_steps(params)
+      if torch_runs is not None:
+        times.update(interleaved(torch_runs, repeats, label=f"torch {label}"))
     bandwidth = 8 * n / times["streaming"][0] / 1e9
     entry = {"parameters": int(n), "streaming_gb_per_s": bandwidth, "optimizers": {}}
     if skipped:
