@@ -8,6 +8,10 @@ STAC_FLAX_SOURCE="${STAC_FLAX_SOURCE:-$venv/flax-$(python -c 'import flax; print
 export STAC_FLAX_SOURCE
 export STAC_RECURRENTGEMMA="${STAC_RECURRENTGEMMA:-$venv/recurrentgemma-1.0.1}"
 export STAC_GEMMA_LLM="${STAC_GEMMA_LLM:-$venv/gemma-llm-1.0.0}"
+# One thread each for PyTorch (OpenMP) in the two workers and their
+# subprocesses: on two cores its idle threads would spin on the core that the
+# other worker needs. STAC_TEST_THREADS overrides it.
+export OMP_NUM_THREADS="${STAC_TEST_THREADS:-1}"
 # Two workers, each file on one of them (module fixtures run once); the
 # development and CI machines have 2 cores. Files are handed out in collection
 # order, which tests/conftest.py starts with the slowest ones (xdist would
