@@ -2,6 +2,7 @@
 
 from stac_optax.build import partition_modules, resolve_adamw_cap_module_count
 from stac_optax.checkpoint import validate_state
+from stac_optax.find_stacked import StackedModuleWarning
 from stac_optax.guard import NonFiniteGradientError, STACState, nonfinite_skipped_steps
 from stac_optax.labels import ADAMW, FROZEN, SIGN
 from stac_optax.order_checks import ModuleOrderError, ModuleOrderWarning
@@ -29,6 +30,7 @@ __all__ = (
     "NonFiniteGradientError",
     "STACPartition",
     "STACState",
+    "StackedModuleWarning",
     "SignMomentumState",
     "adamw_cap",
     "keep_unchanged",

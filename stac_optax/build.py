@@ -185,8 +185,9 @@ def partition_modules(
       logical axis name ``'layers'`` where partitioned parameters carry one
       (``nn.scan(..., metadata_params={nn.PARTITION_NAME: 'layers'})``,
       ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: 'layers'})``);
-      a string reads another axis name; ``{}`` turns stacking off. See
-      ``docs/optimizer.md``, "Stacked (scanned) layers".
+      a string reads another axis name; ``{}`` turns stacking off. A Flax
+      layer whose parameters carry a layer axis that none of these covers
+      warns (below). See ``docs/optimizer.md``, "Stacked (scanned) layers".
 
   Returns:
     A :class:`STACPartition`.
@@ -210,6 +211,11 @@ def partition_modules(
       ``stac_optax.order_checks.check_tree_order``. Also when the sub-modules
       of a stacked module come from a dict in sorted order (``nn.scan``
       returns them so) and ``module_order`` does not give their order.
+    StackedModuleWarning: a Flax layer of an NNX model or a linen builder
+      holds its parameters with one axis more than the layer makes (a block
+      built under ``nnx.vmap`` or ``nn.scan``) and no stacked module covers
+      it; the message names the ``stacked_modules`` mapping to pass, and
+      ``stacked_modules={}`` says the arrays are not layers.
 
   Example:
     >>> import jax.numpy as jnp
@@ -230,6 +236,10 @@ def partition_modules(
     return _recapped(model_or_params, cap if cap_given else None, layout)
   found, flags = trainable_lib.discover_trainable(model_or_params, trainable, wrt, module_order)
   stacks = find_stacked.resolve(stacked_modules, found.parameters, found.node_paths)
+  find_stacked.warn_undeclared(
+      stacked_modules, stacks, [pl for pl, f in zip(found.parameters, flags, strict=True) if f],
+      found.layers,
+  )
   order_checks.warn_sorted_subtrees(  # a stacked module's own check names its sub-modules
       found.sorted_subtrees, skip=[s.name for s in stacks], from_builder=found.from_builder
   )

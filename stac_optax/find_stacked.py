@@ -7,6 +7,9 @@ partitioned parameters; ``None`` reads the axis name ``'layers'``, which
 ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME: 'layers'})`` put on
 them. :func:`resolve` checks the answer against the model's parameters and
 gives one :class:`~stac_optax.stacked.StackedModule` per stacked module.
+:func:`warn_undeclared` warns where a Flax layer's parameters have a layer
+axis that no stacked module covers (a block built under ``nnx.vmap`` or
+``nn.scan`` without the axis name): such a block would count as one module.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from stac_optax import _tree
+from stac_optax import _tree, order_checks
 from stac_optax._tree import Path
+from stac_optax.layer_shapes import LayerShape
 from stac_optax.stacked import StackedModule
 
 LAYER_AXIS_NAME = "layers"
@@ -266,3 +270,95 @@ def resolve(
         "parameter carries that logical axis name."
     )
   return found
+
+
+# --------------------------------------------------------------------------
+# Stacked blocks nobody declared
+# --------------------------------------------------------------------------
+
+
+class StackedModuleWarning(UserWarning):
+  """A Flax layer holds its parameters with a layer axis that no stacked module declares.
+
+  Its block (built under ``nnx.vmap`` or ``nn.scan``) then counts as one
+  module instead of one per layer, and the cap is not the unrolled model's.
+  Silence it by declaring the block (``stacked_modules={'blocks': 0}``), or
+  with ``stacked_modules={}`` where those arrays are not layers.
+  """
+
+
+def _layer_axis(layer: LayerShape, arrays: list[tuple[str, tuple[int, ...]]]) -> tuple[int, int] | None:
+  """``(axis, layers)`` where each of a layer's parameters has one axis more
+  than the layer makes, at the same place and of the same size."""
+  axes: set[int] | None = None
+  for name, shape in arrays:
+    extra = layer.extra_axes(name, shape)
+    axes = extra if axes is None else axes & extra
+  for axis in sorted(axes or ()):
+    counts = {shape[axis] for _, shape in arrays}
+    if len(counts) == 1:
+      return axis, counts.pop()
+  return None
+
+
+def _shown(shape: tuple[int | None, ...]) -> str:
+  return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _undeclared(
+    stacks: list[StackedModule], parameters: list[tuple[Path, Any]], layers: Mapping[Path, LayerShape]
+) -> dict[str, tuple[int, int, str]]:
+  """Block name -> (axis, layers, what shows it), for each Flax layer with a
+  layer axis outside ``stacks``; the block is the largest module around the
+  layer whose every parameter has that axis, of that size."""
+  shapes = {tuple(p): tuple(int(d) for d in np.shape(_tree.unbox(leaf))) for p, leaf in parameters}
+  by_module: dict[Path, list[tuple[str, tuple[int, ...]]]] = {}
+  for path, shape in shapes.items():
+    if path:
+      by_module.setdefault(path[:-1], []).append((str(path[-1]), shape))
+  found: dict[str, tuple[int, int, str]] = {}
+  for module, layer in layers.items():
+    name = _tree.path_name(module)
+    arrays = [(k, shape) for k, shape in by_module.get(tuple(module), []) if k in layer.params]
+    hit = _layer_axis(layer, arrays) if arrays else None
+    if hit is None or any(s.holds(name) or s.name == name for s in stacks):
+      continue
+    axis, count = hit
+    top = tuple(module)
+    while len(top) > 1 and all(
+        len(shape) > axis and shape[axis] == count
+        for path, shape in shapes.items() if _tree.starts_with(path, top[:-1])
+    ):
+      top = top[:-1]
+    k, shape = arrays[0]
+    found.setdefault(_tree.path_name(top), (axis, count, (
+        f"{name}/{k} has shape {shape}, where one {layer.kind} makes {_shown(layer.params[k])}"
+    )))
+  return found
+
+
+def warn_undeclared(
+    stacked_modules: Any, stacks: list[StackedModule], parameters: list[tuple[Path, Any]],
+    layers: Mapping[Path, LayerShape],
+) -> None:
+  """Warns with :class:`StackedModuleWarning` where a Flax layer in
+  ``layers`` has a layer axis that none of ``stacks`` covers; nothing when
+  ``stacked_modules`` is ``{}`` (no stacking, said explicitly)."""
+  if isinstance(stacked_modules, Mapping) and not stacked_modules:
+    return
+  found = _undeclared(stacks, parameters, layers)
+  if not found:
+    return
+  mapping = {**{s.name: s.axis for s in stacks}, **{name: axis for name, (axis, _, _) in found.items()}}
+  blocks = "; ".join(
+      f"{name!r} ({count} entries on axis {axis}: {why})" for name, (axis, count, why) in found.items()
+  )
+  order_checks.warn_outside(
+      "Flax layers hold their parameters with an extra axis that no stacked module "
+      f"declares (built under nnx.vmap, nn.scan or nn.vmap): {blocks}. Each such block "
+      "counts as one module here, not one per entry on that axis: if those are layers, "
+      "the cap is not the unrolled model's (nor its PyTorch twin's). Pass "
+      f"stacked_modules={mapping!r} to count them as layers, or stacked_modules={{}} "
+      "if they are not layers (an ensemble, say).",
+      StackedModuleWarning,
+  )

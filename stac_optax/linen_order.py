@@ -34,6 +34,8 @@ from typing import Any
 
 import jax
 
+from stac_optax import layer_shapes
+
 Path = tuple[str, ...]
 
 # Attributes every linen module has that never hold a registered child.
@@ -50,10 +52,13 @@ class LinenOrder:
     conflicting: paths whose instances registered the same children in
       different orders (two models initialised at the same path); their
       order is not used.
+    layers: module path -> the parameter shapes of the Flax layer there
+      (:mod:`stac_optax.layer_shapes`), where known.
   """
 
   children: dict[Path, list[str]] = dataclasses.field(default_factory=dict)
   conflicting: set[Path] = dataclasses.field(default_factory=set)
+  layers: dict[Path, layer_shapes.LayerShape] = dataclasses.field(default_factory=dict)
 
   def __bool__(self) -> bool:
     return bool(self.children)
@@ -168,7 +173,11 @@ def recording() -> Iterator[LinenOrder]:
   with nn.intercept_methods(intercept):
     yield record
   for module in modules:
-    record.add(tuple(str(k) for k in module.path), registered_children(module, first_call))
+    path = tuple(str(k) for k in module.path)
+    record.add(path, registered_children(module, first_call))
+    layer = layer_shapes.of(module)
+    if layer is not None:
+      record.layers.setdefault(path, layer)
 
 
 def covers(record: LinenOrder, tree: Any) -> bool:

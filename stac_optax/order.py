@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from stac_optax import _tree, linen_order
+from stac_optax import _tree, layer_shapes, linen_order
 from stac_optax._tree import Path
 from stac_optax.order_checks import ModuleOrderError, check_tree_order, fix, warn_lost_order
 
@@ -70,6 +70,9 @@ class Discovery:
     trains: for each parameter, whether it trains by the ``candidate``
       filter (decided on the leaf as the model holds it, see
       ``stac_optax._tree.parameter_role``); ``None`` when not recorded.
+    layers: module path -> the parameter shapes of the Flax layer there, in
+      one layer (:mod:`stac_optax.layer_shapes`), for the NNX modules walked
+      and the linen modules a builder ran.
   """
 
   node_paths: list[Path]
@@ -79,6 +82,7 @@ class Discovery:
   from_builder: bool = False
   sorted_subtrees: tuple[Path, ...] = ()
   trains: list[bool] | None = None
+  layers: Mapping[Path, layer_shapes.LayerShape] = dataclasses.field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -350,6 +354,7 @@ class _NnxWalk:
     self.owner: dict[int, Path] = {}
     self.visited: set[int] = set()
     self.unknown_order: list[str] = []
+    self.layers: dict[Path, layer_shapes.LayerShape] = {}
 
   def consider(self, path: Path, leaf: Any) -> None:
     """A variable or array the module holds: a parameter where
@@ -373,6 +378,9 @@ class _NnxWalk:
       return
     self.visited.add(id(node))
     self.node_paths.append(path)
+    layer = layer_shapes.of(node)
+    if layer is not None:
+      self.layers[path] = layer
     children, known = _ordered_children(node)
     owning_children = 0
     for key, child in children:
@@ -419,7 +427,9 @@ def _discover_nnx(
         "nnx.eval_shape do) and this Flax version records no creation order "
         "for them: the cap may be the alphabetically last modules. " + fix(from_builder)
     )
-  return Discovery(walk.node_paths, walk.parameters, walk.aliases(model), trains=walk.trains)
+  return Discovery(
+      walk.node_paths, walk.parameters, walk.aliases(model), trains=walk.trains, layers=walk.layers
+  )
 
 
 # --------------------------------------------------------------------------
@@ -482,7 +492,8 @@ def _discover_tree(
   if parameters and parameters[0][0] == ():  # a bare array as the whole params
     node_paths.append(())  # is the root module's parameter, named ''
   found = Discovery(
-      node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels), trains=trains
+      node_paths, parameters, {}, dict_ordered=frozenset(p for p, _ in levels), trains=trains,
+      layers={} if record is None else dict(record.layers),
   )
   return found, levels
 

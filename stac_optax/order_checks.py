@@ -249,11 +249,16 @@ def _library_dirs() -> tuple[str, ...]:
   )
 
 
-def warn_lost_order(message: str) -> None:
-  """Warns with :class:`ModuleOrderWarning` at the first frame outside
-  stac_optax, jax and flax (a builder is called from inside jax)."""
+def warn_outside(message: str, category: type[Warning]) -> None:
+  """Warns at the first frame outside stac_optax, jax and flax (a builder
+  is called from inside jax), so that the warning names the user's line."""
   dirs = _library_dirs()
   frame, level = inspect.currentframe(), 1
   while frame is not None and frame.f_code.co_filename.startswith(dirs):
     frame, level = frame.f_back, level + 1
-  warnings.warn(message, ModuleOrderWarning, stacklevel=level)
+  warnings.warn(message, category, stacklevel=level)
+
+
+def warn_lost_order(message: str) -> None:
+  """Warns with :class:`ModuleOrderWarning` at the user's line."""
+  warn_outside(message, ModuleOrderWarning)

@@ -19,6 +19,7 @@ ResNet-18 for Flax's ImageNet ResNet-18) the order is compared with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -229,8 +230,13 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 
+@contextlib.contextmanager
 def _no_order_warning():
-  return warnings.catch_warnings(record=False, action="error", category=stac_optax.ModuleOrderWarning)
+  """No lost-order warning, and no stacked block (none of these models stacks its layers)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", stac_optax.ModuleOrderWarning)
+    warnings.simplefilter("error", stac_optax.StackedModuleWarning)
+    yield
 
 
 def _outcome(tree: Any) -> tuple[str, tuple[str, ...] | None]:

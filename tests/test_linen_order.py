@@ -124,7 +124,13 @@ def test_a_vmapped_block_keeps_its_registration_order():
       nn.vmap, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0
   )
   model = _net(SetupBlock, wrap=vmapped)
-  assert _cap(lambda: model.init(KEY, jnp.ones((3, 1, 4))), 2) == _twin_cap(2)
+  build = lambda: model.init(KEY, jnp.ones((3, 1, 4)))  # noqa: E731
+  # three copies of each block on axis 0: layers or an ensemble, stac cannot tell
+  with pytest.warns(stac_optax.StackedModuleWarning, match=r"'blocks_0': 0, 'blocks_1': 0, 'blocks_2': 0"):
+    assert _cap(build, 2) == _twin_cap(2)
+  with warnings.catch_warnings(action="error", category=stac_optax.StackedModuleWarning):
+    assert stac_optax.partition_modules(  # {}: not layers, said so
+        build, last_n_modules=2, stacked_modules={}).adamw_module_names == _twin_cap(2)
 
 
 # -- nn.jit on __call__ (the whole tree comes back sorted) ---------------------
