@@ -319,9 +319,11 @@ def _undeclared(
   found: dict[str, tuple[int, int, str]] = {}
   for module, layer in layers.items():
     name = _tree.path_name(module)
+    if any(s.holds(name) or s.name == name for s in stacks):
+      continue
     arrays = [(k, shape) for k, shape in by_module.get(tuple(module), []) if k in layer.params]
     hit = _layer_axis(layer, arrays) if arrays else None
-    if hit is None or any(s.holds(name) or s.name == name for s in stacks):
+    if hit is None:
       continue
     axis, count = hit
     top = tuple(module)

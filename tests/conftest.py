@@ -1,9 +1,11 @@
 """Shared fixtures and small models for the suite."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,17 @@ SLOW_FILES = (
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOW_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's own order kept
+
+
+@contextlib.contextmanager
+def no_stac_warning():
+  """Turns stac's partition warnings (lost order, undeclared stacked layers) into errors."""
+  import stac_optax  # pylint: disable=import-outside-toplevel
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", stac_optax.ModuleOrderWarning)
+    warnings.simplefilter("error", stac_optax.StackedModuleWarning)
+    yield
 
 
 def mlp_params(n_layers: int = 12, width: int = 3, seed: int = 0) -> dict:

@@ -19,7 +19,6 @@ ResNet-18 for Flax's ImageNet ResNet-18) the order is compared with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import torch
 
 import stac_optax
 from tests import corpus
+from tests.conftest import no_stac_warning
 from tests.test_torch_real_models import torchvision_resnet  # noqa: F401  (a fixture)
 
 KEY = jax.random.key(0)
@@ -230,13 +230,9 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 
-@contextlib.contextmanager
 def _no_order_warning():
   """No lost-order warning, and no stacked block (none of these models stacks its layers)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("error", stac_optax.ModuleOrderWarning)
-    warnings.simplefilter("error", stac_optax.StackedModuleWarning)
-    yield
+  return no_stac_warning()
 
 
 def _outcome(tree: Any) -> tuple[str, tuple[str, ...] | None]:

@@ -11,9 +11,7 @@ models are Flax's own recipes: the NNX scan-over-layers example and the
 
 from __future__ import annotations
 
-import contextlib
 import doctest
-import warnings
 
 import flax.linen as nn
 import jax
@@ -25,15 +23,7 @@ from flax import nnx
 
 import stac_optax
 from tests import corpus
-
-
-@contextlib.contextmanager
-def _quiet():
-  """Turns stac's warnings into errors."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("error", stac_optax.StackedModuleWarning)
-    warnings.simplefilter("error", stac_optax.ModuleOrderWarning)
-    yield
+from tests.conftest import no_stac_warning
 
 
 class _TorchBlock(torch.nn.Module):
@@ -65,7 +55,7 @@ def test_flax_nnx_scan_over_layers_example_warns_until_its_layers_are_declared()
   with pytest.warns(stac_optax.StackedModuleWarning):  # stac() and nnx.Optimizer warn alike
     nnx.Optimizer(model, stac_optax.stac(model, 1e-3), wrt=nnx.Param)
 
-  with _quiet():
+  with no_stac_warning():
     part = stac_optax.partition_modules(model, stacked_modules={"layers": 0})
     assert stac_optax.partition_modules(model, stacked_modules={}) == flat  # "not layers", said so
   assert part.module_names == tuple(f"layers/{i}/{m}" for i in range(5) for m in ("linear", "bn"))
@@ -91,7 +81,7 @@ def test_flax_linen_scan_docstring_recipes():
   build = lambda: model.init(jax.random.key(42), jnp.ones((1, 2)))  # noqa: E731
   with pytest.warns(stac_optax.StackedModuleWarning, match=r"stacked_modules=\{'ScanResidualMLPBlock_0': 0\}"):
     stac_optax.partition_modules(build)
-  with _quiet():
+  with no_stac_warning():
     part = stac_optax.partition_modules(build, stacked_modules={"ScanResidualMLPBlock_0": 0})
     # the LSTM example broadcasts one cell's params over the steps: nothing is stacked
     lstm = namespace["LSTM"](features=32)
@@ -117,6 +107,6 @@ def test_an_ensemble_under_nn_vmap_warns_and_an_empty_mapping_says_it_is_no_stac
   build = lambda: Ensemble().init(jax.random.key(0), jnp.ones((1, 2)))  # noqa: E731
   with pytest.warns(stac_optax.StackedModuleWarning, match=r"\{'members': 0\}.*\(an ensemble, say\)"):
     stac_optax.partition_modules(build)
-  with _quiet():
+  with no_stac_warning():
     part = stac_optax.partition_modules(build, stacked_modules={})
   assert part.module_names == ("stem", "members/LayerNorm_0", "members/Dense_0")
