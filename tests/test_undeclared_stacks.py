@@ -59,6 +59,12 @@ def test_flax_nnx_scan_over_layers_example_warns_until_its_layers_are_declared()
     part = stac_optax.partition_modules(model, stacked_modules={"layers": 0})
     assert stac_optax.partition_modules(model, stacked_modules={}) == flat  # "not layers", said so
   assert part.module_names == tuple(f"layers/{i}/{m}" for i in range(5) for m in ("linear", "bn"))
+  # built inside nnx.jit, as the sharded-init recipe builds it: the same warning, the same partition
+  jitted = nnx.jit(lambda: example.ScanMLP(10, n_layers=5, rngs=nnx.Rngs(0)))()
+  with pytest.warns(stac_optax.StackedModuleWarning, match=r"stacked_modules=\{'layers': 0\}"):
+    stac_optax.partition_modules(jitted)
+  with no_stac_warning():
+    assert stac_optax.partition_modules(jitted, stacked_modules={"layers": 0}) == part
   twin = _TorchScanMLP(10, 5)
   for n in (None, 1, 3, 7):
     theirs = stac_optimizer.partition_trainable_modules(twin, **({} if n is None else {"last_n_modules": n}))
