@@ -230,10 +230,13 @@ def _params_dict(params, matches):
   return assemble(matches, lambda m: flat[m.flax_name])
 
 
-def _converted(tm, fm, matches, grads, params):
+def _converted(tm, fm, matches, grads, params, check):
   """The gradients as a JAX tree and a function giving the params in PyTorch's
-  layout; on the first step both are checked equal to the public conversions."""
+  layout; with ``check`` (the first step) both are checked equal to the public
+  conversions."""
   flax_grads = _grads_tree(params, matches, grads)
+  if not check:
+    return flax_grads, functools.partial(_params_dict, matches=matches)
   chex.assert_trees_all_equal(flax_grads, nnx.as_pure(torch_interop.tree_from_torch(tm, grads, fm)))
 
   def to_torch(new_params):
@@ -268,10 +271,7 @@ def run_updates(name, torch_kwargs, jax_kwargs, *, steps=STEPS, nan_at=None, see
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy()).to(device) if p.requires_grad else None
     opt.step()
-    if t == 0:
-      flax_grads, to_torch = _converted(tm, fm, matches, grads, params)
-    else:
-      flax_grads, to_torch = _grads_tree(params, matches, grads), functools.partial(_params_dict, matches=matches)
+    flax_grads, to_torch = _converted(tm, fm, matches, grads, params, check=t == 0)
     updates, state = update(flax_grads, state, params)
     params = optax.apply_updates(params, updates)
 
@@ -416,10 +416,7 @@ def run_momentum_variant(stac015, state_dtype, pair="deep_classification", steps
     for n, p in torch_params.items():
       p.grad = torch.from_numpy(grads[n].copy()).to(device)
     opt.step()
-    if t == 0:
-      flax_grads, to_torch = _converted(tm, fm, matches, grads, params)
-    else:
-      flax_grads, to_torch = _grads_tree(params, matches, grads), functools.partial(_params_dict, matches=matches)
+    flax_grads, to_torch = _converted(tm, fm, matches, grads, params, check=t == 0)
     updates, state = update(flax_grads, state, params)
     params = optax.apply_updates(params, updates)
     got = to_torch(params)
